@@ -1,0 +1,245 @@
+//! Wire formats shared by the server and the agent: the relay registration
+//! file. Nothing else in either binary builds or parses these bytes, so the two
+//! sides cannot drift apart.
+//!
+//! Parsing is strict about what matters (a usable port, sane text) and lenient
+//! about the rest (unknown fields are ignored, `port` may be a number or a
+//! numeric string), because the seed's bash script wrote these files by hand.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest accepted instance name, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest accepted hostname, in bytes.
+pub const MAX_HOSTNAME_BYTES: usize = 255;
+/// Longest accepted cwd, in bytes.
+pub const MAX_CWD_BYTES: usize = 4096;
+/// Longest accepted instance id, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// One relay registration file, as written by `opencode-connected` and
+/// `opencode-agent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Registration {
+    /// Instance name that users match against.
+    pub name: String,
+    /// Machine OpenCode runs on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Port on the relay machine (the tunnel's end) where OpenCode answers.
+    pub port: u16,
+    /// Port OpenCode listens on at its own machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_port: Option<u16>,
+    /// Working directory of OpenCode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// When the instance registered (ISO 8601, UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected_at: Option<String>,
+    /// Stable unique instance id (newer writers only); the registry key when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// PID of OpenCode on its machine (newer writers only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+impl Registration {
+    /// Serialises the registration as a single JSON document.
+    pub fn to_json(&self) -> String {
+        // Serialising plain strings and integers cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// Loose shape used while parsing: every field optional, any JSON type.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRegistration {
+    name: Option<Value>,
+    hostname: Option<Value>,
+    port: Option<Value>,
+    local_port: Option<Value>,
+    cwd: Option<Value>,
+    connected_at: Option<Value>,
+    id: Option<Value>,
+    pid: Option<Value>,
+}
+
+/// Parses a registration file. `fallback_name` (the file stem) is used when
+/// the file has no `name`. The error is a sentence for the user.
+pub fn parse_registration(bytes: &[u8], fallback_name: &str) -> Result<Registration, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not UTF-8 (invalid byte at offset {}); registration files are JSON text",
+            e.valid_up_to()
+        )
+    })?;
+    if text.trim().is_empty() {
+        return Err("empty file (a writer may still be writing it; use write-then-rename)".into());
+    }
+    let raw: RawRegistration = match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Object(_)) => {
+            serde_json::from_value(v).map_err(|e| format!("unexpected JSON shape: {e}"))?
+        }
+        Ok(_) => return Err("JSON is not an object".into()),
+        Err(e) if e.is_eof() => {
+            return Err(format!(
+                "JSON ends early at line {} (half-written? writers should write a temp file and rename it)",
+                e.line()
+            ));
+        }
+        Err(e) => return Err(format!("invalid JSON: {e}")),
+    };
+
+    let port = match raw.port {
+        Some(v) => port_value(&v).ok_or_else(|| {
+            format!("`port` must be a number 1-65535 (or such a number as a string), got {v}")
+        })?,
+        None => return Err("missing `port`".into()),
+    };
+    let local_port = match raw.local_port {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            port_value(&v).ok_or_else(|| format!("`localPort` must be a port number, got {v}"))?,
+        ),
+    };
+    let name = match raw.name {
+        None | Some(Value::Null) => clean_text("file name", fallback_name, MAX_NAME_BYTES)?,
+        Some(v) => clean_text("name", &string_value("name", &v)?, MAX_NAME_BYTES)?,
+    };
+    if name.trim().is_empty() {
+        return Err("`name` is empty".into());
+    }
+    let opt = |field: &str, v: Option<Value>, max: usize| -> Result<Option<String>, String> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => Ok(Some(clean_text(field, &string_value(field, &v)?, max)?)),
+        }
+    };
+    let pid = match raw.pid {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .ok_or_else(|| format!("`pid` must be a positive integer, got {v}"))?,
+        ),
+    };
+    let id = opt("id", raw.id, MAX_ID_BYTES)?;
+    if let Some(id) = &id {
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err("`id` may only contain letters, digits and - _ . :".into());
+        }
+    }
+    Ok(Registration {
+        name,
+        hostname: opt("hostname", raw.hostname, MAX_HOSTNAME_BYTES)?,
+        port,
+        local_port,
+        cwd: opt("cwd", raw.cwd, MAX_CWD_BYTES)?,
+        connected_at: opt("connectedAt", raw.connected_at, 64)?,
+        id,
+        pid,
+    })
+}
+
+fn port_value(v: &Value) -> Option<u16> {
+    let n = match v {
+        Value::Number(n) => n.as_u64()?,
+        Value::String(s) => s.trim().parse::<u64>().ok()?,
+        _ => return None,
+    };
+    u16::try_from(n).ok().filter(|p| *p != 0)
+}
+
+fn string_value(field: &str, v: &Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(format!("`{field}` must be a string, got {other}")),
+    }
+}
+
+fn clean_text(field: &str, s: &str, max: usize) -> Result<String, String> {
+    if s.len() > max {
+        return Err(format!("`{field}` is longer than {max} bytes"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(format!("`{field}` contains control characters"));
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_format_parses_with_numeric_or_string_port() {
+        let r = parse_registration(
+            br#"{"name":"laptop-proj","hostname":"laptop","port":10042,"localPort":4823,
+                 "cwd":"/home/u/proj","connectedAt":"2026-03-14T10:30:00Z","extra":[1,2]}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(r.name, "laptop-proj");
+        assert_eq!(r.port, 10042);
+        assert_eq!(r.local_port, Some(4823));
+        let r = parse_registration(br#"{"name":"a","port":"4811"}"#, "x").unwrap();
+        assert_eq!(r.port, 4811);
+    }
+
+    #[test]
+    fn missing_name_falls_back_to_the_file_stem() {
+        let r = parse_registration(br#"{"port":4811}"#, "stem").unwrap();
+        assert_eq!(r.name, "stem");
+    }
+
+    #[test]
+    fn bad_files_are_rejected_with_a_reason() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"{\"name\":\"a\",\"po", "half-written"),
+            (b"[1,2]", "not an object"),
+            (b"{\"name\":\"a\"}", "missing `port`"),
+            (b"{\"name\":\"a\",\"port\":0}", "port"),
+            (b"{\"name\":\"a\",\"port\":70000}", "port"),
+            (b"{\"name\":\"a\",\"port\":\"http\"}", "port"),
+            (b"{\"name\":\"a\\u0007b\",\"port\":1}", "control"),
+            (b"{\"name\":{},\"port\":1}", "string"),
+            (b"\xff\xfe{}", "UTF-8"),
+            (b"{\"name\":\"a\",\"port\":1,\"id\":\"../x y\"}", "`id`"),
+        ];
+        for (bytes, want) in cases {
+            let err = parse_registration(bytes, "f").unwrap_err();
+            assert!(
+                err.contains(want),
+                "{:?}: {err}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn rendering_round_trips_and_escapes() {
+        let r = Registration {
+            name: "we\"ird \\ name".into(),
+            hostname: Some("h".into()),
+            port: 10001,
+            local_port: Some(4100),
+            cwd: Some("/tmp/a \"b\"".into()),
+            connected_at: Some("2026-01-01T00:00:00Z".into()),
+            id: Some("abc123".into()),
+            pid: Some(42),
+        };
+        let back = parse_registration(r.to_json().as_bytes(), "x").unwrap();
+        assert_eq!(back, r);
+    }
+}

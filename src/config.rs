@@ -1,0 +1,243 @@
+//! Configuration: every environment variable the seed server understood, each
+//! also a command-line flag, parsed and validated once at start-up.
+//!
+//! This module owns names, defaults and validation. It must not start tasks,
+//! touch the network or read registration files: the rest of the program gets
+//! a finished [`Config`] and never looks at the environment again.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::transport::TransportKind;
+
+/// Longest help text shown above the options.
+const ABOUT: &str = "One MCP server for every OpenCode instance you run.
+
+Discovers OpenCode instances (relay registration files today; mDNS and Tailscale
+as they land), keeps their idle/busy status live, and lets an MCP client list
+them, read their sessions, send prompts and follow them to completion.
+
+Run without a subcommand, it speaks MCP over stdio: point your MCP client
+(Claude Desktop, Claude Code, OpenCode) at this binary. `opencode-mcp instances`
+prints what it discovers, for debugging.";
+
+/// Command line of `opencode-mcp`.
+#[derive(Debug, Parser)]
+#[command(name = "opencode-mcp", version, about = ABOUT, long_about = None)]
+pub struct Cli {
+    /// Settings shared by the server and every subcommand.
+    #[command(flatten)]
+    pub settings: Settings,
+
+    /// What to do; the MCP stdio server when absent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands for humans.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the MCP server on stdio (the default).
+    Serve,
+    /// Discover instances for a moment, print them once and exit.
+    Instances {
+        /// Print JSON (the `instances` tool's structured output) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// How long to let discovery and health checks settle, in milliseconds.
+        #[arg(long, default_value_t = 1500, value_name = "MS")]
+        settle_ms: u64,
+    },
+}
+
+/// Every tunable, with the seed's environment variable names.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Discovery transports, comma-separated: local-relay. `auto` picks every
+    /// transport that can work on this machine.
+    #[arg(
+        long,
+        env = "TRANSPORT",
+        default_value = "local-relay",
+        value_name = "LIST"
+    )]
+    pub transport: String,
+
+    /// Directory of relay registration files (one JSON file per instance),
+    /// written by `opencode-connected` or `opencode-agent --relay-dir`.
+    #[arg(
+        long,
+        env = "RELAY_REGISTRY_DIR",
+        default_value = "/tmp/opencode-relay",
+        value_name = "DIR"
+    )]
+    pub relay_registry_dir: PathBuf,
+
+    /// Full rescan and health re-check interval, in milliseconds. Changes to
+    /// the relay directory are seen at once through inotify; this is the
+    /// safety net and the health-check period.
+    #[arg(
+        long,
+        env = "DISCOVERY_INTERVAL_MS",
+        default_value_t = 30_000,
+        value_name = "MS"
+    )]
+    pub discovery_interval_ms: u64,
+
+    /// Deadline of one health check (`GET /global/health`), in milliseconds.
+    /// Also bounds every other short OpenCode request.
+    #[arg(
+        long,
+        env = "HEALTH_CHECK_TIMEOUT_MS",
+        default_value_t = 3_000,
+        value_name = "MS"
+    )]
+    pub health_check_timeout_ms: u64,
+
+    /// How long `send` follows a prompt before it returns what it has, in
+    /// milliseconds.
+    #[arg(
+        long,
+        env = "SEND_TIMEOUT_MS",
+        default_value_t = 300_000,
+        value_name = "MS"
+    )]
+    pub send_timeout_ms: u64,
+
+    /// An instance that stays unreachable (or a registration file that stays
+    /// unreadable) this long is dropped, and its relay file deleted, in
+    /// milliseconds. Until then it is listed as offline.
+    #[arg(
+        long,
+        env = "PRUNE_AFTER_MS",
+        default_value_t = 300_000,
+        value_name = "MS"
+    )]
+    pub prune_after_ms: u64,
+
+    /// Username for OpenCode's HTTP Basic auth.
+    #[arg(
+        long,
+        env = "OPENCODE_SERVER_USERNAME",
+        default_value = "opencode",
+        value_name = "USER"
+    )]
+    pub opencode_username: String,
+
+    /// Password for OpenCode's HTTP Basic auth (the instance's
+    /// OPENCODE_SERVER_PASSWORD). Prefer the environment variable: flags are
+    /// visible in `ps`.
+    #[arg(
+        long,
+        env = "OPENCODE_SERVER_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD"
+    )]
+    pub opencode_password: Option<String>,
+
+    /// Largest OpenCode response body accepted, in bytes.
+    #[arg(long, env = "MAX_RESPONSE_BYTES", default_value_t = 16 * 1024 * 1024, value_name = "BYTES")]
+    pub max_response_bytes: usize,
+
+    /// Largest single event-stream line accepted, in bytes.
+    #[arg(long, env = "MAX_EVENT_BYTES", default_value_t = 4 * 1024 * 1024, value_name = "BYTES")]
+    pub max_event_bytes: usize,
+
+    /// Largest registration file accepted, in bytes.
+    #[arg(long, env = "MAX_REGISTRATION_BYTES", default_value_t = 64 * 1024, value_name = "BYTES")]
+    pub max_registration_bytes: u64,
+}
+
+/// Credentials for OpenCode's HTTP Basic auth. `Debug` never shows the password.
+#[derive(Clone)]
+pub struct Credentials {
+    /// Basic auth user name (OpenCode's default is `opencode`).
+    pub username: String,
+    /// Basic auth password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The validated configuration every component reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Transports to run, without duplicates, in the order given.
+    pub transports: Vec<TransportKind>,
+    /// Relay registration directory.
+    pub relay_dir: PathBuf,
+    /// Rescan / health re-check period.
+    pub discovery_interval: Duration,
+    /// Deadline of one health check and of short API calls.
+    pub health_timeout: Duration,
+    /// How long `send` waits for a reply.
+    pub send_timeout: Duration,
+    /// Grace period before an unreachable instance or unreadable file is dropped.
+    pub prune_after: Duration,
+    /// Credentials sent to every instance, when a password is configured.
+    pub credentials: Option<Credentials>,
+    /// Response body cap.
+    pub max_response_bytes: usize,
+    /// Event-stream line cap.
+    pub max_event_bytes: usize,
+    /// Registration file cap.
+    pub max_registration_bytes: u64,
+}
+
+impl Config {
+    /// Validates raw settings.
+    pub fn from_settings(s: &Settings) -> Result<Self> {
+        let transports = TransportKind::parse_list(&s.transport)?;
+        // The seed read these with `Number(env) || default`, so 0 meant "the
+        // default"; keep that so existing configurations behave the same.
+        let ms = |name: &str, v: u64, default: u64, min: u64| -> Result<Duration> {
+            let v = if v == 0 { default } else { v };
+            if v < min {
+                return Err(Error::Config(format!(
+                    "{name} must be at least {min} ms, got {v}"
+                )));
+            }
+            Ok(Duration::from_millis(v))
+        };
+        let credentials = s
+            .opencode_password
+            .as_ref()
+            .filter(|p| !p.is_empty())
+            .map(|p| Credentials {
+                username: s.opencode_username.clone(),
+                password: p.clone(),
+            });
+        Ok(Self {
+            transports,
+            relay_dir: s.relay_registry_dir.clone(),
+            discovery_interval: ms(
+                "DISCOVERY_INTERVAL_MS",
+                s.discovery_interval_ms,
+                30_000,
+                100,
+            )?,
+            health_timeout: ms(
+                "HEALTH_CHECK_TIMEOUT_MS",
+                s.health_check_timeout_ms,
+                3_000,
+                10,
+            )?,
+            send_timeout: ms("SEND_TIMEOUT_MS", s.send_timeout_ms, 300_000, 10)?,
+            prune_after: Duration::from_millis(s.prune_after_ms),
+            credentials,
+            max_response_bytes: s.max_response_bytes.max(1024),
+            max_event_bytes: s.max_event_bytes.max(1024),
+            max_registration_bytes: s.max_registration_bytes.max(256),
+        })
+    }
+}

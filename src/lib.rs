@@ -1,0 +1,27 @@
+//! `opencode-mcp`: one MCP server for every OpenCode instance you run.
+//!
+//! # Layout
+//!
+//! Data flows one way: transports report what they see, one registry task
+//! owns all state, and readers (MCP tools, `opencode-mcp instances`) get an
+//! immutable snapshot of the live view without waiting on the network.
+//!
+//! - [`config`]: environment variables and flags, validated once.
+//! - [`announce`]: wire formats shared with `opencode-agent` (relay files).
+//! - [`transport`]: discovery sources behind the [`transport::Transport`] trait
+//!   (`local-relay` today).
+//! - [`registry`]: the state task, health checks, one event follower per
+//!   instance, and the live [`registry::View`].
+//! - [`opencode`]: the HTTP client for OpenCode's API and its event stream.
+//! - [`mcp`]: the MCP tools over stdio, thin shells over the registry and client.
+//! - [`error`]: the crate's one error type.
+
+pub mod announce;
+pub mod config;
+pub mod error;
+pub mod mcp;
+pub mod opencode;
+pub mod registry;
+pub mod transport;
+
+pub use error::{Error, Result};

@@ -1,0 +1,566 @@
+//! The registry: one task that owns every instance's state.
+//!
+//! It applies, in order, what transports discover, what health checks find and
+//! what event followers report, and publishes the result as an immutable
+//! [`View`] through a `watch` channel. Readers never block on it. It starts
+//! one health check per instance at a time (bounded by
+//! HEALTH_CHECK_TIMEOUT_MS), one follower per online instance, and tells a
+//! transport when an instance has been unreachable for the whole grace period.
+//!
+//! It must not format output for users or know about MCP.
+
+mod follower;
+mod view;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use view::{Health, Instance, SessionBrief, Stream, View};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::opencode::client::http_client;
+use crate::opencode::{ClientLimits, OpenCodeClient};
+use crate::transport::{Discovery, Endpoint, Feedback, Transport, TransportKind, TransportLink};
+use follower::{FollowerEvent, FollowerMsg};
+
+/// Capacity of each instance's event fan-out; a subscriber that falls this
+/// far behind sees `Lagged` and must re-read state from the API.
+const FANOUT_CAPACITY: usize = 1024;
+
+/// Handle to the running registry. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    /// The live view.
+    view: watch::Receiver<Arc<View>>,
+    /// Requests to the registry task.
+    commands: mpsc::UnboundedSender<Command>,
+    /// Stops the task, the transports and the followers.
+    shutdown: CancellationToken,
+}
+
+enum Command {
+    /// Re-check an instance's health now (a tool saw it fail).
+    Recheck(String),
+}
+
+impl Registry {
+    /// Starts the registry task and the transports. Returns at once: discovery
+    /// runs in the background.
+    pub fn start(config: &Config, transports: Vec<Box<dyn Transport>>) -> Result<Registry> {
+        let shutdown = CancellationToken::new();
+        let (view_tx, view_rx) = watch::channel(Arc::new(View::default()));
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (disc_tx, disc_rx) = mpsc::channel(1024);
+        let mut feedback = HashMap::new();
+        let mut pending_ready = Vec::new();
+        for t in transports {
+            let kind = t.kind();
+            let (fb_tx, fb_rx) = mpsc::channel(64);
+            feedback.insert(kind, fb_tx);
+            pending_ready.push(kind);
+            let link = TransportLink {
+                events: disc_tx.clone(),
+                feedback: fb_rx,
+                shutdown: shutdown.child_token(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = t.run(link).await {
+                    tracing::error!(transport = %kind, error = %e, "transport stopped");
+                }
+            });
+        }
+        let http = http_client(config.health_timeout)?;
+        let limits = ClientLimits {
+            timeout: config.health_timeout.max(Duration::from_secs(1)),
+            max_body_bytes: config.max_response_bytes,
+            max_event_bytes: config.max_event_bytes,
+        };
+        let (fol_tx, fol_rx) = mpsc::unbounded_channel();
+        let (health_tx, health_rx) = mpsc::unbounded_channel();
+        let state = State {
+            config: config.clone(),
+            http,
+            limits,
+            entries: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            pending_ready,
+            feedback,
+            view_tx,
+            generation: 0,
+            next_follower: 0,
+            fol_tx,
+            health_tx,
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(state.run(disc_rx, cmd_rx, fol_rx, health_rx));
+        Ok(Registry {
+            view: view_rx,
+            commands: cmd_tx,
+            shutdown,
+        })
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that sees every new view.
+    pub fn watch(&self) -> watch::Receiver<Arc<View>> {
+        self.view.clone()
+    }
+
+    /// Waits until `pred` holds for the view, or `deadline` passes; returns the
+    /// last view either way.
+    pub async fn wait_for(
+        &self,
+        deadline: Duration,
+        mut pred: impl FnMut(&View) -> bool,
+    ) -> Arc<View> {
+        let mut rx = self.view.clone();
+        let wait = async {
+            loop {
+                let v = rx.borrow_and_update().clone();
+                if pred(&v) {
+                    return v;
+                }
+                if rx.changed().await.is_err() {
+                    return v;
+                }
+            }
+        };
+        match tokio::time::timeout(deadline, wait).await {
+            Ok(v) => v,
+            Err(_) => self.view(),
+        }
+    }
+
+    /// Asks for an immediate health re-check of `key`.
+    pub fn recheck(&self, key: &str) {
+        let _ = self.commands.send(Command::Recheck(key.to_string()));
+    }
+
+    /// Stops everything the registry started.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Registry-private state of one instance.
+struct Entry {
+    /// Paths by transport.
+    paths: BTreeMap<TransportKind, Endpoint>,
+    /// The published instance (rebuilt on change).
+    published: Arc<Instance>,
+    /// A health check is running.
+    checking: bool,
+    /// When to check next.
+    next_check: Instant,
+    /// Consecutive failed checks (for backoff).
+    failures: u32,
+    /// The running follower.
+    follower: Option<(u64, CancellationToken)>,
+    /// Whether the first check has completed.
+    checked_once: bool,
+}
+
+struct HealthResult {
+    key: String,
+    /// Index of the path that answered, or the error of the last path.
+    outcome: std::result::Result<(usize, Option<String>), String>,
+    /// The paths that were tried (ignore the result if they changed).
+    tried: Vec<Endpoint>,
+}
+
+struct State {
+    config: Config,
+    http: reqwest::Client,
+    limits: ClientLimits,
+    entries: BTreeMap<String, Entry>,
+    problems: BTreeMap<TransportKind, Vec<crate::transport::Problem>>,
+    pending_ready: Vec<TransportKind>,
+    feedback: HashMap<TransportKind, mpsc::Sender<Feedback>>,
+    view_tx: watch::Sender<Arc<View>>,
+    generation: u64,
+    next_follower: u64,
+    fol_tx: mpsc::UnboundedSender<FollowerMsg>,
+    health_tx: mpsc::UnboundedSender<HealthResult>,
+    shutdown: CancellationToken,
+}
+
+impl State {
+    async fn run(
+        mut self,
+        mut disc_rx: mpsc::Receiver<Discovery>,
+        mut cmd_rx: mpsc::UnboundedReceiver<Command>,
+        mut fol_rx: mpsc::UnboundedReceiver<FollowerMsg>,
+        mut health_rx: mpsc::UnboundedReceiver<HealthResult>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let changed = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                Some(d) = disc_rx.recv() => {
+                    let mut c = self.on_discovery(d);
+                    while let Ok(d) = disc_rx.try_recv() {
+                        c |= self.on_discovery(d);
+                    }
+                    c
+                }
+                Some(h) = health_rx.recv() => self.on_health(h).await,
+                Some(m) = fol_rx.recv() => {
+                    let mut c = self.on_follower(m);
+                    while let Ok(m) = fol_rx.try_recv() {
+                        c |= self.on_follower(m);
+                    }
+                    c
+                }
+                Some(Command::Recheck(key)) = cmd_rx.recv() => {
+                    if let Some(e) = self.entries.get_mut(&key) {
+                        e.next_check = Instant::now();
+                    }
+                    false
+                }
+                _ = tick.tick() => false,
+            };
+            self.start_due_checks();
+            if changed {
+                self.publish();
+            }
+        }
+        for e in self.entries.values() {
+            if let Some((_, stop)) = &e.follower {
+                stop.cancel();
+            }
+        }
+    }
+
+    fn client_for(&self, ep: &Endpoint) -> OpenCodeClient {
+        OpenCodeClient::new(
+            self.http.clone(),
+            ep.base_url(),
+            self.config.credentials.clone(),
+            self.limits,
+        )
+    }
+
+    fn on_discovery(&mut self, d: Discovery) -> bool {
+        match d {
+            Discovery::Seen(ep) => {
+                let key = ep.key.clone();
+                match self.entries.get_mut(&key) {
+                    Some(entry) => {
+                        if entry.paths.get(&ep.via) == Some(&ep) {
+                            return false;
+                        }
+                        entry.paths.insert(ep.via, ep);
+                        // A changed address needs a fresh check.
+                        entry.next_check = Instant::now();
+                        self.rebuild(&key);
+                    }
+                    None => {
+                        let mut paths = BTreeMap::new();
+                        paths.insert(ep.via, ep.clone());
+                        let (events, _) = broadcast::channel(FANOUT_CAPACITY);
+                        let published = Arc::new(Instance {
+                            key: key.clone(),
+                            name: ep.name.clone(),
+                            hostname: ep.hostname.clone(),
+                            cwd: ep.cwd.clone(),
+                            paths: vec![ep.clone()],
+                            active: 0,
+                            client: self.client_for(&ep),
+                            health: Health::Checking,
+                            stream: Stream::Idle,
+                            statuses: HashMap::new(),
+                            recent: None,
+                            permissions: Vec::new(),
+                            events,
+                            discovered: Instant::now(),
+                        });
+                        self.entries.insert(
+                            key.clone(),
+                            Entry {
+                                paths,
+                                published,
+                                checking: false,
+                                next_check: Instant::now(),
+                                failures: 0,
+                                follower: None,
+                                checked_once: false,
+                            },
+                        );
+                    }
+                }
+                true
+            }
+            Discovery::Gone { key, via } => {
+                let Some(entry) = self.entries.get_mut(&key) else {
+                    return false;
+                };
+                entry.paths.remove(&via);
+                if entry.paths.is_empty() {
+                    if let Some(e) = self.entries.remove(&key) {
+                        if let Some((_, stop)) = e.follower {
+                            stop.cancel();
+                        }
+                    }
+                } else {
+                    entry.next_check = Instant::now();
+                    self.rebuild(&key);
+                }
+                true
+            }
+            Discovery::Ready { via } => {
+                self.pending_ready.retain(|k| *k != via);
+                true
+            }
+            Discovery::Problems { via, problems } => {
+                if problems.is_empty() {
+                    self.problems.remove(&via);
+                } else {
+                    self.problems.insert(via, problems);
+                }
+                true
+            }
+        }
+    }
+
+    /// Re-derives the published instance from its paths (after a path change).
+    fn rebuild(&mut self, key: &str) {
+        let Some(entry) = self.entries.get(key) else {
+            return;
+        };
+        let mut paths: Vec<Endpoint> = entry.paths.values().cloned().collect();
+        paths.sort_by_key(|p| p.reach);
+        let old = &entry.published;
+        let active_ep = old.endpoint().clone();
+        let active = paths.iter().position(|p| *p == active_ep).unwrap_or(0);
+        let best = paths[active].clone();
+        let mut inst = (**old).clone();
+        inst.name = best.name.clone();
+        inst.hostname = best.hostname.clone();
+        inst.cwd = best.cwd.clone();
+        if paths[active] != active_ep {
+            inst.client = self.client_for(&best);
+        }
+        inst.paths = paths;
+        inst.active = active;
+        if let Some(e) = self.entries.get_mut(key) {
+            e.published = Arc::new(inst);
+        }
+    }
+
+    fn start_due_checks(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.checking && e.next_check <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let Some(entry) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            entry.checking = true;
+            let paths = entry.published.paths.clone();
+            let preferred = entry.published.active;
+            let clients: Vec<OpenCodeClient> = paths.iter().map(|p| self.client_for(p)).collect();
+            let timeout = self.config.health_timeout;
+            let tx = self.health_tx.clone();
+            tokio::spawn(async move {
+                // Try the path in use first, then the others, best first.
+                let mut order: Vec<usize> = vec![preferred.min(paths.len() - 1)];
+                order.extend((0..paths.len()).filter(|i| *i != preferred));
+                let mut last_err = String::from("no path to try");
+                let mut outcome = None;
+                for i in order {
+                    match clients[i].health(timeout).await {
+                        Ok(h) => {
+                            outcome = Some(Ok((i, h.version)));
+                            break;
+                        }
+                        Err(e) => last_err = e.to_string(),
+                    }
+                }
+                let outcome = outcome.unwrap_or(Err(last_err));
+                let _ = tx.send(HealthResult {
+                    key,
+                    outcome,
+                    tried: paths,
+                });
+            });
+        }
+    }
+
+    async fn on_health(&mut self, h: HealthResult) -> bool {
+        let interval = self.config.discovery_interval;
+        let prune_after = self.config.prune_after;
+        let Some(entry) = self.entries.get_mut(&h.key) else {
+            return false;
+        };
+        entry.checking = false;
+        entry.checked_once = true;
+        if entry.published.paths != h.tried {
+            // Paths changed while checking: check again with the new ones.
+            entry.next_check = Instant::now();
+            return false;
+        }
+        let mut inst = (*entry.published).clone();
+        match h.outcome {
+            Ok((idx, version)) => {
+                entry.failures = 0;
+                entry.next_check = Instant::now() + interval;
+                let path_changed = idx != inst.active;
+                if path_changed {
+                    inst.active = idx;
+                    inst.client = OpenCodeClient::new(
+                        self.http.clone(),
+                        inst.paths[idx].base_url(),
+                        self.config.credentials.clone(),
+                        self.limits,
+                    );
+                }
+                let was_online = inst.is_online();
+                inst.health = Health::Online { version };
+                if !was_online || path_changed || entry.follower.is_none() {
+                    if let Some((_, stop)) = entry.follower.take() {
+                        stop.cancel();
+                    }
+                    self.next_follower += 1;
+                    let generation = self.next_follower;
+                    let stop = self.shutdown.child_token();
+                    entry.follower = Some((generation, stop.clone()));
+                    inst.stream = Stream::Connecting;
+                    tokio::spawn(follower::follow(
+                        h.key.clone(),
+                        generation,
+                        inst.client.clone(),
+                        inst.events.clone(),
+                        self.fol_tx.clone(),
+                        stop,
+                    ));
+                }
+            }
+            Err(reason) => {
+                entry.failures = entry.failures.saturating_add(1);
+                // Retry quickly at first, then settle at the scan interval.
+                let backoff =
+                    Duration::from_millis(500u64.saturating_mul(1 << entry.failures.min(6)));
+                entry.next_check = Instant::now() + backoff.min(interval);
+                let since = match &inst.health {
+                    Health::Offline { since, .. } => *since,
+                    _ => {
+                        tracing::info!(instance = %inst.name, %reason, "instance offline");
+                        SystemTime::now()
+                    }
+                };
+                if let Some((_, stop)) = entry.follower.take() {
+                    stop.cancel();
+                }
+                inst.stream = Stream::Idle;
+                inst.statuses.clear();
+                inst.permissions.clear();
+                inst.health = Health::Offline { reason, since };
+                if since.elapsed().unwrap_or_default() >= prune_after {
+                    tracing::info!(instance = %inst.name, "dropping instance unreachable for {}s", prune_after.as_secs());
+                    let vias: Vec<TransportKind> = entry.paths.keys().copied().collect();
+                    self.entries.remove(&h.key);
+                    for via in vias {
+                        if let Some(fb) = self.feedback.get(&via) {
+                            let _ = fb.send(Feedback::Expired { key: h.key.clone() }).await;
+                        }
+                    }
+                    return true;
+                }
+            }
+        }
+        entry.published = Arc::new(inst);
+        true
+    }
+
+    fn on_follower(&mut self, m: FollowerMsg) -> bool {
+        let Some(entry) = self.entries.get_mut(&m.key) else {
+            return false;
+        };
+        if entry.follower.as_ref().map(|f| f.0) != Some(m.generation) {
+            return false;
+        }
+        let mut inst = (*entry.published).clone();
+        match m.what {
+            FollowerEvent::Synced {
+                statuses,
+                recent,
+                permissions,
+            } => {
+                inst.statuses = statuses
+                    .into_iter()
+                    .filter(|(_, s)| s.is_active())
+                    .collect();
+                if recent.is_some() {
+                    inst.recent = recent;
+                }
+                inst.permissions = permissions;
+                inst.stream = Stream::Live;
+            }
+            FollowerEvent::Status { session_id, status } => {
+                if status.is_active() {
+                    if inst.statuses.get(&session_id) == Some(&status) {
+                        return false;
+                    }
+                    inst.statuses.insert(session_id, status);
+                } else if inst.statuses.remove(&session_id).is_none() {
+                    return false;
+                }
+            }
+            FollowerEvent::Recent(brief) => {
+                let newer = inst
+                    .recent
+                    .as_ref()
+                    .is_none_or(|r| r.id == brief.id || brief.updated >= r.updated);
+                if !newer || inst.recent.as_ref() == Some(&brief) {
+                    return false;
+                }
+                inst.recent = Some(brief);
+            }
+            FollowerEvent::PermissionAsked(p) => {
+                inst.permissions.retain(|q| q.id != p.id);
+                inst.permissions.push(p);
+            }
+            FollowerEvent::PermissionReplied { request_id } => {
+                inst.permissions.retain(|q| q.id != request_id);
+            }
+            FollowerEvent::Lost { reason } => {
+                tracing::debug!(instance = %inst.name, %reason, "event stream lost; re-checking health");
+                inst.stream = Stream::Connecting;
+                entry.next_check = Instant::now();
+            }
+        }
+        entry.published = Arc::new(inst);
+        true
+    }
+
+    fn publish(&mut self) {
+        self.generation += 1;
+        let mut instances: Vec<Arc<Instance>> =
+            self.entries.values().map(|e| e.published.clone()).collect();
+        instances.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.key.cmp(&b.key)));
+        let settled =
+            self.pending_ready.is_empty() && self.entries.values().all(|e| e.checked_once);
+        let view = View {
+            instances,
+            problems: self.problems.clone(),
+            settled,
+            transports_ready: self.pending_ready.is_empty(),
+            generation: self.generation,
+        };
+        self.view_tx.send_replace(Arc::new(view));
+    }
+}

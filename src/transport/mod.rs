@@ -1,0 +1,281 @@
+//! Discovery transports and the events they emit.
+//!
+//! A transport watches one source of truth (relay registration files, mDNS,
+//! a tailnet) and reports what it sees as [`Discovery`] events: an endpoint
+//! was seen or changed, an endpoint is gone, or the source has problems worth
+//! showing to the user. A transport never health-checks, never talks to
+//! OpenCode and never decides status: that is the registry's job. The only
+//! thing flowing back is [`Feedback`], so that a transport can clean up what it
+//! owns (a stale relay file) once the registry has given up on an endpoint.
+
+pub mod local_relay;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// The transports this build knows, by their `TRANSPORT` names.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// Registration JSON files in RELAY_REGISTRY_DIR (usually written through SSH tunnels).
+    LocalRelay,
+}
+
+impl TransportKind {
+    /// Every transport compiled into this build, in preference order.
+    pub const ALL: &'static [TransportKind] = &[TransportKind::LocalRelay];
+
+    /// The `TRANSPORT` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::LocalRelay => "local-relay",
+        }
+    }
+
+    /// Parses a comma-separated `TRANSPORT` value. `auto` means every
+    /// transport that can work here. Duplicates are ignored.
+    pub fn parse_list(list: &str) -> Result<Vec<TransportKind>> {
+        let mut out = Vec::new();
+        for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let kinds: Vec<TransportKind> = if raw.eq_ignore_ascii_case("auto") {
+                Self::ALL.to_vec()
+            } else {
+                let kind = Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|k| k.name().eq_ignore_ascii_case(raw))
+                    .ok_or_else(|| Error::UnknownTransport {
+                        given: raw.to_string(),
+                        valid: Self::valid_names(),
+                    })?;
+                vec![kind]
+            };
+            for k in kinds {
+                if !out.contains(&k) {
+                    out.push(k);
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(Error::UnknownTransport {
+                given: list.to_string(),
+                valid: Self::valid_names(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn valid_names() -> String {
+        let mut names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+        names.push("auto");
+        names.join(", ")
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How an endpoint is reached from this server, best first.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Reach {
+    /// Same machine, over 127.0.0.1 / ::1.
+    Loopback,
+    /// A directly attached network.
+    Lan,
+    /// Over the tailnet.
+    Tailnet,
+    /// Through an SSH reverse tunnel ending on this machine.
+    Relay,
+}
+
+/// One way to reach one OpenCode instance, as a transport saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Identity of the instance: the instance id when the announcement has one,
+    /// otherwise a key derived from the source (e.g. `relay:<file stem>`).
+    pub key: String,
+    /// Human name used for matching (`instance` arguments).
+    pub name: String,
+    /// Machine the instance runs on, as announced.
+    pub hostname: Option<String>,
+    /// Working directory of the instance, as announced.
+    pub cwd: Option<String>,
+    /// Addresses to connect to, best first.
+    pub addrs: Vec<IpAddr>,
+    /// TCP port of OpenCode's HTTP server as seen from here.
+    pub port: u16,
+    /// Which transport saw it.
+    pub via: TransportKind,
+    /// How it is reached.
+    pub reach: Reach,
+    /// Where the announcement came from (a file path, an mDNS name), for humans.
+    pub source: String,
+    /// When the instance says it connected (the registration's `connectedAt`).
+    pub connected_at: Option<String>,
+}
+
+impl Endpoint {
+    /// Base URL of OpenCode's HTTP API on this path.
+    pub fn base_url(&self) -> String {
+        match self.addrs.first() {
+            Some(IpAddr::V6(v6)) => format!("http://[{v6}]:{}", self.port),
+            Some(IpAddr::V4(v4)) => format!("http://{v4}:{}", self.port),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
+}
+
+/// Something a transport wants the user to know about its source (a file it
+/// cannot parse, a directory it cannot read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub struct Problem {
+    /// What the problem is about (a file path, a service name).
+    pub source: String,
+    /// Why it is a problem, in words a user can act on.
+    pub reason: String,
+    /// Seconds since the Unix epoch when the problem was first seen.
+    pub since_epoch_s: u64,
+}
+
+impl Problem {
+    /// A problem first seen at `since`.
+    pub fn new(source: impl Into<String>, reason: impl Into<String>, since: SystemTime) -> Self {
+        Self {
+            source: source.into(),
+            reason: reason.into(),
+            since_epoch_s: since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// What transports tell the registry.
+#[derive(Debug, Clone)]
+pub enum Discovery {
+    /// An endpoint appeared or changed.
+    Seen(Endpoint),
+    /// An endpoint is gone from this transport.
+    Gone {
+        /// The endpoint's key.
+        key: String,
+        /// The transport that lost it.
+        via: TransportKind,
+    },
+    /// The transport finished its first full look (the view can call itself settled).
+    Ready {
+        /// The transport.
+        via: TransportKind,
+    },
+    /// The complete, current list of this transport's problems (replaces the previous one).
+    Problems {
+        /// The reporting transport.
+        via: TransportKind,
+        /// Every problem it currently has.
+        problems: Vec<Problem>,
+    },
+}
+
+/// What the registry tells a transport.
+#[derive(Debug, Clone)]
+pub enum Feedback {
+    /// The endpoint has been unreachable for the whole grace period and was
+    /// dropped; the transport may remove what announces it.
+    Expired {
+        /// The endpoint's key.
+        key: String,
+    },
+}
+
+/// The channels a running transport holds.
+#[derive(Debug)]
+pub struct TransportLink {
+    /// Where discovery events go.
+    pub events: mpsc::Sender<Discovery>,
+    /// Feedback from the registry.
+    pub feedback: mpsc::Receiver<Feedback>,
+    /// Cancelled when the server shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// A discovery source. `run` reports until `shutdown` is cancelled.
+pub trait Transport: Send + 'static {
+    /// Which transport this is.
+    fn kind(&self) -> TransportKind;
+    /// Runs the transport until shutdown; an error ends only this transport.
+    fn run(self: Box<Self>, link: TransportLink) -> BoxFuture<'static, Result<()>>;
+}
+
+/// Builds the transports named in the configuration.
+pub fn build(config: &Config) -> Result<Vec<Box<dyn Transport>>> {
+    let mut out: Vec<Box<dyn Transport>> = Vec::new();
+    for kind in &config.transports {
+        match kind {
+            TransportKind::LocalRelay => out.push(Box::new(local_relay::LocalRelay::new(config))),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_list_accepts_known_names_and_auto() {
+        assert_eq!(
+            TransportKind::parse_list("local-relay").unwrap(),
+            vec![TransportKind::LocalRelay]
+        );
+        assert_eq!(
+            TransportKind::parse_list(" auto , local-relay").unwrap(),
+            vec![TransportKind::LocalRelay]
+        );
+    }
+
+    #[test]
+    fn unknown_transport_names_the_valid_ones() {
+        let err = TransportKind::parse_list("local-relay,carrier-pigeon").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("carrier-pigeon"), "{msg}");
+        assert!(msg.contains("local-relay") && msg.contains("auto"), "{msg}");
+        assert!(TransportKind::parse_list(" , ").is_err());
+    }
+
+    #[test]
+    fn base_url_brackets_ipv6() {
+        let mut e = Endpoint {
+            key: "k".into(),
+            name: "n".into(),
+            hostname: None,
+            cwd: None,
+            addrs: vec!["::1".parse().unwrap()],
+            port: 4096,
+            via: TransportKind::LocalRelay,
+            reach: Reach::Loopback,
+            source: String::new(),
+            connected_at: None,
+        };
+        assert_eq!(e.base_url(), "http://[::1]:4096");
+        e.addrs = vec!["127.0.0.1".parse().unwrap()];
+        assert_eq!(e.base_url(), "http://127.0.0.1:4096");
+    }
+}
