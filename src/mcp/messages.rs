@@ -262,11 +262,10 @@ impl OpenCodeMcp {
                             EventKind::Other if ev.kind_name == "message.part.updated" => {
                                 if let Some(part) = ev.properties.get("part") {
                                     let kind = part.get("type").and_then(|t| t.as_str()).unwrap_or("");
-                                    if kind != "text" {
-                                        if let Some(id) = part.get("id").and_then(|t| t.as_str()) {
+                                    if kind != "text"
+                                        && let Some(id) = part.get("id").and_then(|t| t.as_str()) {
                                             non_text_parts.insert(id.to_string());
                                         }
-                                    }
                                 }
                             }
                             EventKind::SessionError { error, .. } => {

@@ -207,7 +207,7 @@ impl OpenCodeClient {
             rb = rb.query(&[("limit", l)]);
         }
         let mut v: Vec<Session> = self.json(rb, path, self.limits.timeout).await?;
-        v.sort_by(|a, b| b.time.updated.cmp(&a.time.updated));
+        v.sort_by_key(|s| std::cmp::Reverse(s.time.updated));
         Ok(v)
     }
 

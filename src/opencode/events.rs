@@ -95,11 +95,10 @@ impl Event {
     pub fn parse(data: &str) -> Option<Event> {
         let mut v: Value = serde_json::from_str(data).ok()?;
         // `/global/event` wraps the event in `{directory, payload}`.
-        if let Some(payload) = v.get_mut("payload").map(Value::take) {
-            if payload.is_object() {
+        if let Some(payload) = v.get_mut("payload").map(Value::take)
+            && payload.is_object() {
                 v = payload;
             }
-        }
         let kind_name = v.get("type")?.as_str()?.to_string();
         let properties = v
             .get_mut("properties")

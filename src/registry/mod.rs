@@ -306,11 +306,10 @@ impl State {
                 };
                 entry.paths.remove(&via);
                 if entry.paths.is_empty() {
-                    if let Some(e) = self.entries.remove(&key) {
-                        if let Some((_, stop)) = e.follower {
+                    if let Some(e) = self.entries.remove(&key)
+                        && let Some((_, stop)) = e.follower {
                             stop.cancel();
                         }
-                    }
                 } else {
                     entry.next_check = Instant::now();
                     self.rebuild(&key);

@@ -206,11 +206,10 @@ impl WatchState {
         let Ok(inode) = fs::metadata(&target).map(|m| m.ino()) else {
             return false;
         };
-        if let Some((_, watched, ino)) = &self.current {
-            if *watched == target && *ino == inode {
+        if let Some((_, watched, ino)) = &self.current
+            && *watched == target && *ino == inode {
                 return false;
             }
-        }
         self.current = None;
         let tx = self.tx.clone();
         let watcher = notify::recommended_watcher(move |ev| {
@@ -307,12 +306,11 @@ impl Scanner {
             i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
             i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         ));
-        if let Some(st) = self.files.get(name) {
-            if st.fingerprint == fingerprint && !meta.file_type().is_symlink() {
+        if let Some(st) = self.files.get(name)
+            && st.fingerprint == fingerprint && !meta.file_type().is_symlink() {
                 self.maybe_prune(name, events).await;
                 return;
             }
-        }
         let outcome = self.read_registration(&path, &meta, name);
         let st = self.files.entry(name.to_path_buf()).or_insert(FileState {
             fingerprint: None,
@@ -325,8 +323,8 @@ impl Scanner {
             Ok(reg) => {
                 let endpoint = endpoint_for(&reg, name, &path);
                 st.problem = None;
-                if st.key.as_deref() != Some(endpoint.key.as_str()) {
-                    if let Some(old) = st.key.take() {
+                if st.key.as_deref() != Some(endpoint.key.as_str())
+                    && let Some(old) = st.key.take() {
                         let _ = events
                             .send(Discovery::Gone {
                                 key: old,
@@ -334,7 +332,6 @@ impl Scanner {
                             })
                             .await;
                     }
-                }
                 st.key = Some(endpoint.key.clone());
                 if st.endpoint.as_ref() != Some(&endpoint) {
                     st.endpoint = Some(endpoint.clone());
@@ -459,8 +456,8 @@ impl Scanner {
     }
 
     async fn forget(&mut self, name: &Path, events: &mpsc::Sender<Discovery>) {
-        if let Some(st) = self.files.remove(name) {
-            if let Some(key) = st.key {
+        if let Some(st) = self.files.remove(name)
+            && let Some(key) = st.key {
                 // Another file may announce the same key (a rename); keep it then.
                 let still = self
                     .files
@@ -475,7 +472,6 @@ impl Scanner {
                         .await;
                 }
             }
-        }
     }
 
     async fn send_problems(&mut self, events: &mpsc::Sender<Discovery>) {

@@ -1,10 +1,12 @@
 //! Wire formats shared by the server and the agent: the relay registration
-//! file. Nothing else in either binary builds or parses these bytes, so the two
-//! sides cannot drift apart.
+//! file (here) and the DNS-SD TXT record ([`txt`]). Nothing else in either
+//! binary builds or parses these bytes, so the two sides cannot drift apart.
 //!
 //! Parsing is strict about what matters (a usable port, sane text) and lenient
 //! about the rest (unknown fields are ignored, `port` may be a number or a
 //! numeric string), because the seed's bash script wrote these files by hand.
+
+pub mod txt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -129,15 +131,14 @@ pub fn parse_registration(bytes: &[u8], fallback_name: &str) -> Result<Registrat
         ),
     };
     let id = opt("id", raw.id, MAX_ID_BYTES)?;
-    if let Some(id) = &id {
-        if id.is_empty()
+    if let Some(id) = &id
+        && (id.is_empty()
             || !id
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
         {
             return Err("`id` may only contain letters, digits and - _ . :".into());
         }
-    }
     Ok(Registration {
         name,
         hostname: opt("hostname", raw.hostname, MAX_HOSTNAME_BYTES)?,
