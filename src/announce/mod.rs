@@ -136,9 +136,9 @@ pub fn parse_registration(bytes: &[u8], fallback_name: &str) -> Result<Registrat
             || !id
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
-        {
-            return Err("`id` may only contain letters, digits and - _ . :".into());
-        }
+    {
+        return Err("`id` may only contain letters, digits and - _ . :".into());
+    }
     Ok(Registration {
         name,
         hostname: opt("hostname", raw.hostname, MAX_HOSTNAME_BYTES)?,

@@ -96,9 +96,10 @@ impl Event {
         let mut v: Value = serde_json::from_str(data).ok()?;
         // `/global/event` wraps the event in `{directory, payload}`.
         if let Some(payload) = v.get_mut("payload").map(Value::take)
-            && payload.is_object() {
-                v = payload;
-            }
+            && payload.is_object()
+        {
+            v = payload;
+        }
         let kind_name = v.get("type")?.as_str()?.to_string();
         let properties = v
             .get_mut("properties")

@@ -307,9 +307,10 @@ impl State {
                 entry.paths.remove(&via);
                 if entry.paths.is_empty() {
                     if let Some(e) = self.entries.remove(&key)
-                        && let Some((_, stop)) = e.follower {
-                            stop.cancel();
-                        }
+                        && let Some((_, stop)) = e.follower
+                    {
+                        stop.cancel();
+                    }
                 } else {
                     entry.next_check = Instant::now();
                     self.rebuild(&key);
@@ -458,6 +459,11 @@ impl State {
                     Health::Offline { since, .. } => *since,
                     _ => {
                         tracing::info!(instance = %inst.name, %reason, "instance offline");
+                        for via in entry.paths.keys() {
+                            if let Some(fb) = self.feedback.get(via) {
+                                let _ = fb.try_send(Feedback::Unreachable { key: h.key.clone() });
+                            }
+                        }
                         SystemTime::now()
                     }
                 };

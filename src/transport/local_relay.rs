@@ -162,6 +162,7 @@ async fn run(relay: LocalRelay, mut link: TransportLink) -> Result<()> {
             Some(fb) = link.feedback.recv() => {
                 match fb {
                     Feedback::Expired { key } => scanner.expire(&key, &link.events).await,
+                    Feedback::Unreachable { .. } => {}
                 }
             }
         }
@@ -207,9 +208,11 @@ impl WatchState {
             return false;
         };
         if let Some((_, watched, ino)) = &self.current
-            && *watched == target && *ino == inode {
-                return false;
-            }
+            && *watched == target
+            && *ino == inode
+        {
+            return false;
+        }
         self.current = None;
         let tx = self.tx.clone();
         let watcher = notify::recommended_watcher(move |ev| {
@@ -307,10 +310,12 @@ impl Scanner {
             i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         ));
         if let Some(st) = self.files.get(name)
-            && st.fingerprint == fingerprint && !meta.file_type().is_symlink() {
-                self.maybe_prune(name, events).await;
-                return;
-            }
+            && st.fingerprint == fingerprint
+            && !meta.file_type().is_symlink()
+        {
+            self.maybe_prune(name, events).await;
+            return;
+        }
         let outcome = self.read_registration(&path, &meta, name);
         let st = self.files.entry(name.to_path_buf()).or_insert(FileState {
             fingerprint: None,
@@ -324,14 +329,15 @@ impl Scanner {
                 let endpoint = endpoint_for(&reg, name, &path);
                 st.problem = None;
                 if st.key.as_deref() != Some(endpoint.key.as_str())
-                    && let Some(old) = st.key.take() {
-                        let _ = events
-                            .send(Discovery::Gone {
-                                key: old,
-                                via: TransportKind::LocalRelay,
-                            })
-                            .await;
-                    }
+                    && let Some(old) = st.key.take()
+                {
+                    let _ = events
+                        .send(Discovery::Gone {
+                            key: old,
+                            via: TransportKind::LocalRelay,
+                        })
+                        .await;
+                }
                 st.key = Some(endpoint.key.clone());
                 if st.endpoint.as_ref() != Some(&endpoint) {
                     st.endpoint = Some(endpoint.clone());
@@ -457,21 +463,22 @@ impl Scanner {
 
     async fn forget(&mut self, name: &Path, events: &mpsc::Sender<Discovery>) {
         if let Some(st) = self.files.remove(name)
-            && let Some(key) = st.key {
-                // Another file may announce the same key (a rename); keep it then.
-                let still = self
-                    .files
-                    .values()
-                    .any(|s| s.key.as_deref() == Some(key.as_str()));
-                if !still {
-                    let _ = events
-                        .send(Discovery::Gone {
-                            key,
-                            via: TransportKind::LocalRelay,
-                        })
-                        .await;
-                }
+            && let Some(key) = st.key
+        {
+            // Another file may announce the same key (a rename); keep it then.
+            let still = self
+                .files
+                .values()
+                .any(|s| s.key.as_deref() == Some(key.as_str()));
+            if !still {
+                let _ = events
+                    .send(Discovery::Gone {
+                        key,
+                        via: TransportKind::LocalRelay,
+                    })
+                    .await;
             }
+        }
     }
 
     async fn send_problems(&mut self, events: &mpsc::Sender<Discovery>) {

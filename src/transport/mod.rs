@@ -197,6 +197,12 @@ pub enum Discovery {
 /// What the registry tells a transport.
 #[derive(Debug, Clone)]
 pub enum Feedback {
+    /// The endpoint failed its health check (it just went offline); a
+    /// transport may re-verify its announcement (e.g. mDNS `verify()`).
+    Unreachable {
+        /// The endpoint's key.
+        key: String,
+    },
     /// The endpoint has been unreachable for the whole grace period and was
     /// dropped; the transport may remove what announces it.
     Expired {
