@@ -58,12 +58,7 @@ pub enum Command {
 pub struct Settings {
     /// Discovery transports, comma-separated: local-relay. `auto` picks every
     /// transport that can work on this machine.
-    #[arg(
-        long,
-        env = "TRANSPORT",
-        default_value = "local-relay",
-        value_name = "LIST"
-    )]
+    #[arg(long, env = "TRANSPORT", default_value = "auto", value_name = "LIST")]
     pub transport: String,
 
     /// Directory of relay registration files (one JSON file per instance),

@@ -57,6 +57,98 @@ impl Registration {
     }
 }
 
+/// Longest file stem produced by [`registration_file_name`], in bytes
+/// (file names are limited to 255 bytes; leave room for `.`, `.tmp`, `.json`).
+pub const MAX_FILE_STEM_BYTES: usize = 200;
+
+/// The registration file name an agent uses: `<name>-<id>.json`.
+///
+/// Every character outside `A-Z a-z 0-9 . _ -` becomes `_`, a leading `.`
+/// becomes `_` (the file must not be hidden: writers use hidden temp files),
+/// and the stem is cut to [`MAX_FILE_STEM_BYTES`] keeping the id whole, so the
+/// result is safe in a path and inside single quotes in a shell command.
+pub fn registration_file_name(name: &str, id: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let id = clean(id);
+    let mut name = clean(name);
+    let room = MAX_FILE_STEM_BYTES.saturating_sub(id.len() + 1);
+    name.truncate(room); // ASCII only by now, so any index is a char boundary
+    let mut stem = format!("{name}-{id}");
+    if stem.starts_with('.') {
+        stem.replace_range(..1, "_");
+    }
+    format!("{stem}.json")
+}
+
+/// Writes `reg` as `dir/file_name` atomically: a temp file `.<file_name>.tmp`
+/// in the same directory (created with mode 0600, never through a symlink) is
+/// written, synced and renamed over the target, so readers see the old file or
+/// the new one, never half of one. `dir` is created (mode 0700) if missing.
+/// Returns the final path.
+#[cfg(unix)]
+pub fn write_registration(
+    dir: &std::path::Path,
+    file_name: &str,
+    reg: &Registration,
+) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let target = dir.join(file_name);
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+    };
+    let mut file = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A leftover of an interrupted write by this same writer.
+            std::fs::remove_file(&tmp)?;
+            open()?
+        }
+        other => other?,
+    };
+    let written = file
+        .write_all(reg.to_json().as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all());
+    drop(file);
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &target)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(target)
+}
+
+/// Removes a registration written by [`write_registration`] (and its temp
+/// file, if an interrupted write left one). A file that is already gone is
+/// not an error.
+pub fn remove_registration(dir: &std::path::Path, file_name: &str) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(dir.join(format!(".{file_name}.tmp")));
+    match std::fs::remove_file(dir.join(file_name)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Loose shape used while parsing: every field optional, any JSON type.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -226,6 +318,61 @@ mod tests {
                 String::from_utf8_lossy(bytes)
             );
         }
+    }
+
+    #[test]
+    fn file_names_are_safe_and_keep_the_id() {
+        assert_eq!(
+            registration_file_name("box-proj", "a1b2"),
+            "box-proj-a1b2.json"
+        );
+        assert_eq!(
+            registration_file_name("../we ird/\"x\"", "a1b2"),
+            "_._we_ird__x_-a1b2.json"
+        );
+        assert_eq!(registration_file_name("é", "id"), "_-id.json");
+        let long = registration_file_name(&"n".repeat(1000), "0123456789abcdef");
+        assert!(long.len() <= MAX_FILE_STEM_BYTES + ".json".len());
+        assert!(long.ends_with("-0123456789abcdef.json"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn registrations_are_written_atomically_private_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("relay");
+        let reg = Registration {
+            name: "n".into(),
+            hostname: None,
+            port: 4100,
+            local_port: Some(4100),
+            cwd: None,
+            connected_at: None,
+            id: Some("abc".into()),
+            pid: None,
+        };
+        // A stale temp file from an interrupted write does not block the next one.
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(".n-abc.json.tmp"), "{").unwrap();
+        let path = write_registration(&dir, "n-abc.json", &reg).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let back = parse_registration(&std::fs::read(&path).unwrap(), "x").unwrap();
+        assert_eq!(back, reg);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["n-abc.json".to_string()]);
+        remove_registration(&dir, "n-abc.json").unwrap();
+        assert!(!path.exists());
+        remove_registration(&dir, "n-abc.json").unwrap();
+        // A new directory is private.
+        let fresh = tmp.path().join("a/b");
+        write_registration(&fresh, "n-abc.json", &reg).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

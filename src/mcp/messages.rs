@@ -290,10 +290,16 @@ impl OpenCodeMcp {
                 "cancelled by the client; the prompt keeps running on the instance.",
             ));
         }
-        if lagged && matches!(ending, Ending::Idle) {
-            // Some deltas were missed: the stored messages are the truth.
-            if let Some(full) = reply_from_messages(&client, &sid, &message).await {
-                text = full;
+        if matches!(ending, Ending::Idle) {
+            // The stored messages are the truth: they carry errors that
+            // arrive without a session id, and the text of missed deltas.
+            if let Some(turn) = finished_turn(&client, &sid, &message).await {
+                if turn_error.is_none() {
+                    turn_error = turn.error;
+                }
+                if lagged || text.is_empty() {
+                    text = turn.text;
+                }
             }
         }
         let aborted = turn_error
@@ -554,19 +560,35 @@ async fn reject_pending(client: &OpenCodeClient, sid: &str) -> usize {
     n
 }
 
-/// The assistant text that answered `prompt`, from the stored messages.
-async fn reply_from_messages(client: &OpenCodeClient, sid: &str, prompt: &str) -> Option<String> {
+/// What the stored messages say about the turn that answered `prompt`.
+struct Turn {
+    /// Assistant text of the turn.
+    text: String,
+    /// Error recorded on the turn's last assistant message.
+    error: Option<String>,
+}
+
+async fn finished_turn(client: &OpenCodeClient, sid: &str, prompt: &str) -> Option<Turn> {
     let msgs = client.messages(sid, Some(50)).await.ok()?;
     let start = msgs
         .iter()
         .rposition(|m| m.info.role == "user" && m.text() == prompt)?;
-    let text: Vec<String> = msgs[start + 1..]
+    let replies: Vec<&Message> = msgs[start + 1..]
         .iter()
         .filter(|m| m.info.role == "assistant")
-        .map(Message::text)
+        .collect();
+    let text: Vec<String> = replies
+        .iter()
+        .map(|m| m.text())
         .filter(|t| !t.is_empty())
         .collect();
-    Some(text.join("\n"))
+    Some(Turn {
+        text: text.join("\n"),
+        error: replies
+            .last()
+            .and_then(|m| m.info.error.as_ref())
+            .map(|e| e.describe()),
+    })
 }
 
 fn message_out(m: &Message) -> MessageOut {

@@ -9,6 +9,7 @@
 //! owns (a stale relay file) once the registry has given up on an endpoint.
 
 pub mod local_relay;
+pub mod mdns;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -30,16 +31,20 @@ use crate::error::{Error, Result};
 pub enum TransportKind {
     /// Registration JSON files in RELAY_REGISTRY_DIR (usually written through SSH tunnels).
     LocalRelay,
+    /// Multicast DNS-SD on the attached networks: `opencode-agent`'s
+    /// `_opencode._tcp` and OpenCode's own `--mdns` (`_http._tcp`) advertisements.
+    Mdns,
 }
 
 impl TransportKind {
     /// Every transport compiled into this build, in preference order.
-    pub const ALL: &'static [TransportKind] = &[TransportKind::LocalRelay];
+    pub const ALL: &'static [TransportKind] = &[TransportKind::LocalRelay, TransportKind::Mdns];
 
     /// The `TRANSPORT` name.
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::LocalRelay => "local-relay",
+            TransportKind::Mdns => "mdns",
         }
     }
 
@@ -231,11 +236,25 @@ pub trait Transport: Send + 'static {
 }
 
 /// Builds the transports named in the configuration.
+///
+/// A transport that cannot work on this machine (mDNS without a usable
+/// daemon) is an [`Error::TransportUnavailable`] when it was asked for by
+/// name; under `auto` (every transport requested) it is skipped with an info
+/// log, because `auto` means "every transport that can work here".
 pub fn build(config: &Config) -> Result<Vec<Box<dyn Transport>>> {
+    let auto = config.transports.len() > 1
+        && TransportKind::ALL
+            .iter()
+            .all(|k| config.transports.contains(k));
     let mut out: Vec<Box<dyn Transport>> = Vec::new();
     for kind in &config.transports {
         match kind {
             TransportKind::LocalRelay => out.push(Box::new(local_relay::LocalRelay::new(config))),
+            TransportKind::Mdns => match mdns::Mdns::new() {
+                Ok(t) => out.push(Box::new(t)),
+                Err(e) if auto => tracing::info!("mdns transport skipped: {e}"),
+                Err(e) => return Err(e),
+            },
         }
     }
     Ok(out)
@@ -253,7 +272,11 @@ mod tests {
         );
         assert_eq!(
             TransportKind::parse_list(" auto , local-relay").unwrap(),
-            vec![TransportKind::LocalRelay]
+            vec![TransportKind::LocalRelay, TransportKind::Mdns]
+        );
+        assert_eq!(
+            TransportKind::parse_list("MDNS").unwrap(),
+            vec![TransportKind::Mdns]
         );
     }
 
@@ -262,7 +285,10 @@ mod tests {
         let err = TransportKind::parse_list("local-relay,carrier-pigeon").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("carrier-pigeon"), "{msg}");
-        assert!(msg.contains("local-relay") && msg.contains("auto"), "{msg}");
+        assert!(
+            msg.contains("local-relay") && msg.contains("mdns") && msg.contains("auto"),
+            "{msg}"
+        );
         assert!(TransportKind::parse_list(" , ").is_err());
     }
 

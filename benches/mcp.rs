@@ -1,0 +1,251 @@
+//! Benchmark of the `opencode-mcp` server over real MCP stdio (`cargo bench --bench mcp`).
+//!
+//! Prints figures; asserts nothing. Everything runs on loopback: fake OpenCode
+//! servers in this process, the server as a child process driven by the rmcp
+//! client.
+//!
+//! Figures:
+//! 1. spawn → `initialize` reply (empty registry, and with 1000 registrations);
+//! 2. `instances` latency with 1000 registrations, 100 of which point at ports
+//!    that accept and never answer;
+//! 3. time from an atomic write of a new registration file until `read` on it
+//!    succeeds, with no `instances` call;
+//! 4. the server's RSS (VmRSS, VmHWM) after the workload.
+
+#[allow(dead_code)]
+#[path = "../tests/common/fake_opencode.rs"]
+mod fake_opencode;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fake_opencode::{Behaviour, FakeOpenCode, blackhole_port};
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_opencode-mcp");
+
+struct Stats(Vec<f64>);
+
+impl Stats {
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+    fn line(&self, what: &str) {
+        println!(
+            "{what:<58} median {:>8.2} ms  p90 {:>8.2} ms  min {:>8.2} ms  max {:>8.2} ms  (n={})",
+            self.pct(0.5),
+            self.pct(0.9),
+            self.pct(0.0),
+            self.pct(1.0),
+            self.0.len()
+        );
+    }
+}
+
+async fn spawn(relay: &Path) -> (RunningService<RoleClient, ()>, u32, f64) {
+    let cmd = tokio::process::Command::new(SERVER).configure(|c| {
+        c.env("RELAY_REGISTRY_DIR", relay)
+            .env("RUST_LOG", "error")
+            .env("HEALTH_CHECK_TIMEOUT_MS", "3000")
+            .stderr(std::process::Stdio::null());
+    });
+    let t0 = Instant::now();
+    let child = TokioChildProcess::new(cmd).expect("spawn opencode-mcp");
+    let pid = child.id().unwrap_or(0);
+    let client = ().serve(child).await.expect("initialize");
+    (client, pid, t0.elapsed().as_secs_f64() * 1000.0)
+}
+
+async fn call(
+    client: &RunningService<RoleClient, ()>,
+    name: &str,
+    args: Value,
+) -> (bool, Option<Value>) {
+    let mut p = CallToolRequestParams::new(name.to_string());
+    if let Value::Object(m) = args {
+        p = p.with_arguments(m);
+    }
+    let r = client.call_tool(p).await.expect("tools/call");
+    (r.is_error != Some(true), r.structured_content)
+}
+
+fn write_atomic(dir: &Path, stem: &str, body: &Value) {
+    let tmp = dir.join(format!(".{stem}.tmp"));
+    std::fs::write(&tmp, body.to_string()).expect("write");
+    std::fs::rename(&tmp, dir.join(format!("{stem}.json"))).expect("rename");
+}
+
+fn rss_kb(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    println!(
+        "opencode-mcp benchmark ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+
+    // 1a. initialize with an empty registry.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let mut init = Stats(vec![]);
+    for _ in 0..20 {
+        let (client, _, ms) = spawn(empty.path()).await;
+        init.0.push(ms);
+        let _ = client.cancel().await;
+    }
+    init.line("spawn → initialize reply, empty registry");
+
+    // The fleet: 9 healthy fakes serving 900 registrations, 100 black holes.
+    let mut fakes = Vec::new();
+    for _ in 0..9 {
+        fakes.push(FakeOpenCode::start(Behaviour::Healthy).await);
+    }
+    let mut holes = Vec::new();
+    let relay = tempfile::tempdir().expect("tempdir");
+    for i in 0..1000 {
+        let port = if i % 10 == 9 {
+            let (l, p) = blackhole_port();
+            holes.push(l);
+            p
+        } else {
+            fakes[i % 9].port()
+        };
+        write_atomic(
+            relay.path(),
+            &format!("inst-{i:04}"),
+            &json!({"name": format!("inst-{i:04}"), "hostname": "bench", "port": port, "cwd": "/bench"}),
+        );
+    }
+
+    // 1b. initialize with 1000 registrations (100 hanging).
+    let mut init_full = Stats(vec![]);
+    for _ in 0..10 {
+        let (client, _, ms) = spawn(relay.path()).await;
+        init_full.0.push(ms);
+        let _ = client.cancel().await;
+    }
+    init_full.line("spawn → initialize reply, 1000 registrations (100 hang)");
+
+    // 2. instances latency.
+    let (client, pid, _) = spawn(relay.path()).await;
+    let t0 = Instant::now();
+    loop {
+        let (_, out) = call(&client, "instances", json!({})).await;
+        let online = out
+            .as_ref()
+            .and_then(|v| v["instances"].as_array())
+            .map(|a| a.iter().filter(|i| i["status"] == "online").count())
+            .unwrap_or(0);
+        if online == 900 || t0.elapsed() > Duration::from_secs(30) {
+            println!(
+                "900 healthy of 1000 registrations online after {:.0} ms",
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut inst = Stats(vec![]);
+    for _ in 0..100 {
+        let t = Instant::now();
+        let (ok, _) = call(&client, "instances", json!({})).await;
+        assert!(ok);
+        inst.0.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    inst.line("instances, 1000 registrations (100 hang)");
+
+    // 3. new registration file → read succeeds, no instances call.
+    let mut usable = Stats(vec![]);
+    for round in 0..20 {
+        let fake = FakeOpenCode::start(Behaviour::Healthy).await;
+        fake.create_session(Some("bench"));
+        let name = format!("fresh-{round}");
+        let t = Instant::now();
+        write_atomic(
+            relay.path(),
+            &name,
+            &json!({"name": name, "port": fake.port()}),
+        );
+        loop {
+            let (ok, _) = call(&client, "read", json!({"instance": name})).await;
+            if ok {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                println!("read on {name} never succeeded");
+                break;
+            }
+        }
+        usable.0.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::fs::remove_file(relay.path().join(format!("{name}.json"))).ok();
+        fakes.push(fake);
+    }
+    usable.line("atomic write of a new file → read succeeds");
+
+    // 4. RSS after a workload of sends and reads on top of the above.
+    for i in 0..50 {
+        let name = format!("inst-{:04}", (i * 10) % 1000);
+        call(
+            &client,
+            "send",
+            json!({"instance": name, "message": format!("hello {i}")}),
+        )
+        .await;
+        call(&client, "read", json!({"instance": name})).await;
+        call(&client, "sessions", json!({"instance": name})).await;
+    }
+    let (rss, hwm) = rss_kb(pid);
+    println!(
+        "server RSS after the workload (1000 instances, 900 live event streams): VmRSS {:.1} MB, VmHWM {:.1} MB",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    let _ = client.cancel().await;
+
+    // RSS of a small fleet, the common case.
+    let small = tempfile::tempdir().expect("tempdir");
+    for (i, f) in fakes.iter().take(5).enumerate() {
+        write_atomic(
+            small.path(),
+            &format!("small-{i}"),
+            &json!({"name": format!("small-{i}"), "port": f.port()}),
+        );
+    }
+    let (client, pid, _) = spawn(small.path()).await;
+    for i in 0..20 {
+        let name = format!("small-{}", i % 5);
+        call(&client, "instances", json!({})).await;
+        call(
+            &client,
+            "send",
+            json!({"instance": name, "message": format!("hi {i}")}),
+        )
+        .await;
+        call(&client, "read", json!({"instance": name})).await;
+    }
+    let (rss, hwm) = rss_kb(pid);
+    println!(
+        "server RSS after the workload (5 instances): VmRSS {:.1} MB, VmHWM {:.1} MB",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    let _ = client.cancel().await;
+    drop(holes);
+}
