@@ -285,6 +285,7 @@ impl OpenCodeMcp {
         };
 
         if matches!(ending, Ending::Cancelled) {
+            tracing::debug!(instance = %name, session = %sid, "send cancelled by the client; stopped following");
             // The client gave up; rmcp drops the late answer anyway.
             return Ok(fail(
                 "cancelled by the client; the prompt keeps running on the instance.",
