@@ -51,6 +51,7 @@ impl Stats {
 async fn spawn(relay: &Path) -> (RunningService<RoleClient, ()>, u32, f64) {
     let cmd = tokio::process::Command::new(SERVER).configure(|c| {
         c.env("RELAY_REGISTRY_DIR", relay)
+            .env("TRANSPORT", "local-relay")
             .env("RUST_LOG", "error")
             .env("HEALTH_CHECK_TIMEOUT_MS", "3000")
             .stderr(std::process::Stdio::null());

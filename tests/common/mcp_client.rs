@@ -462,6 +462,11 @@ impl McpServerProc {
         if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
             cmd.env("RUST_LOG", "opencode_mcp=debug");
         }
+        // Tests run in the host's network namespace unless they made their
+        // own: never let a default transport multicast (mDNS) here.
+        if !env.iter().any(|(k, _)| *k == "TRANSPORT") {
+            cmd.env("TRANSPORT", "local-relay");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
