@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::view::SessionBrief;
-use crate::opencode::{Event, EventKind, OpenCodeClient, PermissionRequest, StatusMap};
+use super::view::{Fanout, SessionBrief};
+use crate::opencode::{EventKind, OpenCodeClient, PermissionRequest, StatusMap};
 
 /// What a follower tells the registry. `generation` identifies the follower so
 /// that messages from a replaced one are ignored.
@@ -56,7 +56,7 @@ pub(crate) async fn follow(
     key: String,
     generation: u64,
     client: OpenCodeClient,
-    fanout: broadcast::Sender<Arc<Event>>,
+    fanout: Fanout,
     report: mpsc::UnboundedSender<FollowerMsg>,
     stop: CancellationToken,
 ) {
@@ -122,7 +122,7 @@ pub(crate) async fn follow(
                     _ => {}
                 }
                 let disposed = event.kind == EventKind::Disposed;
-                let _ = fanout.send(Arc::new(event));
+                fanout.send(Arc::new(event));
                 if disposed {
                     break;
                 }

@@ -16,10 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use view::{Health, Instance, SessionBrief, Stream, View};
+pub use view::{Fanout, Health, Instance, SessionBrief, Stream, View};
 
 use crate::config::Config;
 use crate::error::Result;
@@ -27,10 +27,6 @@ use crate::opencode::client::http_client;
 use crate::opencode::{ClientLimits, OpenCodeClient};
 use crate::transport::{Discovery, Endpoint, Feedback, Transport, TransportKind, TransportLink};
 use follower::{FollowerEvent, FollowerMsg};
-
-/// Capacity of each instance's event fan-out; a subscriber that falls this
-/// far behind sees `Lagged` and must re-read state from the API.
-const FANOUT_CAPACITY: usize = 1024;
 
 /// Handle to the running registry. Cheap to clone.
 #[derive(Clone)]
@@ -267,7 +263,6 @@ impl State {
                     None => {
                         let mut paths = BTreeMap::new();
                         paths.insert(ep.via, ep.clone());
-                        let (events, _) = broadcast::channel(FANOUT_CAPACITY);
                         let published = Arc::new(Instance {
                             key: key.clone(),
                             name: ep.name.clone(),
@@ -281,7 +276,7 @@ impl State {
                             statuses: HashMap::new(),
                             recent: None,
                             permissions: Vec::new(),
-                            events,
+                            events: Fanout::default(),
                             discovered: Instant::now(),
                         });
                         self.entries.insert(

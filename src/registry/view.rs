@@ -69,6 +69,30 @@ pub enum Stream {
     Live,
 }
 
+/// The event fan-out of one instance. The channel is created on the first
+/// subscription, so the many instances nobody is talking to cost nothing
+/// (a broadcast channel allocates all its slots up front).
+#[derive(Debug, Clone, Default)]
+pub struct Fanout(Arc<std::sync::OnceLock<broadcast::Sender<Arc<Event>>>>);
+
+impl Fanout {
+    /// Capacity of the channel; a subscriber that falls this far behind sees
+    /// `Lagged` and must re-read state from the API.
+    const CAPACITY: usize = 512;
+
+    /// Subscribes; events sent from now on are received.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.0.get_or_init(|| broadcast::channel(Self::CAPACITY).0).subscribe()
+    }
+
+    /// Sends to the subscribers, if any.
+    pub fn send(&self, event: Arc<Event>) {
+        if let Some(tx) = self.0.get() {
+            let _ = tx.send(event);
+        }
+    }
+}
+
 /// A brief of the most recently updated session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionBrief {
@@ -107,8 +131,8 @@ pub struct Instance {
     pub recent: Option<SessionBrief>,
     /// Pending permission requests.
     pub permissions: Vec<PermissionRequest>,
-    /// Live events from the follower; subscribe before acting.
-    pub events: broadcast::Sender<Arc<Event>>,
+    /// Live events from the follower; see [`Instance::subscribe`].
+    pub events: Fanout,
     /// When this instance was first discovered.
     pub discovered: Instant,
 }
