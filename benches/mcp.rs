@@ -174,6 +174,8 @@ async fn main() {
 
     // 3. new registration file → read succeeds, no instances call.
     let mut usable = Stats(vec![]);
+    let mut listed = Stats(vec![]);
+    let mut online = Stats(vec![]);
     for round in 0..20 {
         let fake = FakeOpenCode::start(Behaviour::Healthy).await;
         fake.create_session(Some("bench"));
@@ -199,6 +201,8 @@ async fn main() {
         fakes.push(fake);
     }
     usable.line("atomic write of a new file → read succeeds");
+    listed.line("  (diagnostic) new file → listed by instances");
+    online.line("  (diagnostic) new file → listed online");
 
     // 4. RSS after a workload of sends and reads on top of the above.
     for i in 0..50 {

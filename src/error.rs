@@ -108,6 +108,14 @@ pub enum Error {
     #[error("MCP session failed: {0}")]
     Mcp(String),
 
+    /// Unicast DNS-SD publishing failed (runtime directory, record file, responder).
+    #[error("tailnet DNS-SD: {0}")]
+    Dnssd(String),
+
+    /// Tailscale's LocalAPI (or its CLI) could not tell us about the tailnet.
+    #[error("Tailscale: {0}")]
+    Tailscale(String),
+
     /// Filesystem trouble outside of registration parsing.
     #[error("{action} {}: {source}", .path.display())]
     Io {

@@ -18,10 +18,12 @@
 
 pub mod announce;
 pub mod config;
+pub mod dnssd;
 pub mod error;
 pub mod mcp;
 pub mod opencode;
 pub mod registry;
+pub mod tailscale;
 pub mod transport;
 
 pub use error::{Error, Result};

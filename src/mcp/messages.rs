@@ -14,9 +14,12 @@ use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, tool, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::broadcast::error::RecvError;
 
 use super::format::{clock, fail, ok};
+use super::requests::Claim;
 use super::{OpenCodeMcp, resolve};
 use crate::opencode::{EventKind, Message, OpenCodeClient, PermissionReply, SessionStatus};
 use crate::registry::{Health, Instance, Stream};
@@ -38,6 +41,9 @@ pub struct SendArgs {
     /// Start a new session for this message instead of using an existing one.
     #[serde(default)]
     pub new_session: bool,
+    /// Idempotency key: a retried call with the same request_id does not send the prompt twice.
+    #[serde(default)]
+    pub request_id: Option<String>,
 }
 
 /// Output of `send`.
@@ -47,7 +53,7 @@ pub struct SendOutput {
     pub instance: String,
     /// Session the message went to (or that was aborted).
     pub session_id: Option<String>,
-    /// completed, timeout, aborted, failed, busy, no_reply, nothing_to_abort.
+    /// completed, timeout, aborted, failed, busy, no_reply, nothing_to_abort, duplicate (request_id seen before).
     pub outcome: String,
     /// The reply text streamed by the assistant.
     pub text: String,
@@ -136,240 +142,40 @@ impl OpenCodeMcp {
         Parameters(args): Parameters<SendArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
-        let inst =
-            match resolve::instance(&self.registry, &args.instance, self.config.health_timeout)
-                .await
-            {
-                Ok(i) => i,
-                Err(e) => return Ok(fail(e)),
-            };
-        if args.abort {
-            return Ok(self.abort(&inst, args.session_id.as_deref()).await);
-        }
-        let Some(message) = args.message.filter(|m| !m.trim().is_empty()) else {
-            return Ok(fail("message is required when not aborting."));
+        let Some(id) = args.request_id.clone().filter(|_| !args.abort) else {
+            return self.send_once(args, ctx, &AtomicBool::new(false)).await;
         };
-        let client = inst.client.clone();
-        let name = inst.name.clone();
-
-        let session = if args.new_session {
-            match client.create_session(None, None).await {
-                Ok(s) => s,
-                Err(e) => return Ok(self.api_failure(&inst, "create a session", e)),
-            }
-        } else {
-            match resolve::session(&client, &name, args.session_id.as_deref()).await {
-                Ok(Some(s)) => s,
-                // The seed refused here; a new session is what the user wants.
-                Ok(None) => match client.create_session(None, None).await {
-                    Ok(s) => s,
-                    Err(e) => return Ok(self.api_failure(&inst, "create a session", e)),
-                },
-                Err(e) => {
-                    self.registry.recheck(&inst.key);
-                    return Ok(fail(e));
-                }
-            }
-        };
-        let sid = session.id.clone();
-
-        let busy = match client.session_status(None).await {
-            Ok(m) => m.get(&sid).is_some_and(SessionStatus::is_active),
-            Err(e) => return Ok(self.api_failure(&inst, "read session status", e)),
-        };
-        if busy {
-            let text = format!(
-                "{name} is currently busy processing a task. You can wait for it to finish, or call send with abort=true to stop it."
-            );
-            let out = SendOutput {
-                instance: name,
-                session_id: Some(sid),
-                outcome: "busy".into(),
-                text: String::new(),
-                error: None,
-                rejected_permissions: 0,
-            };
-            return Ok(ok(text, &out));
-        }
-
-        // Subscribe first, then make sure the stream is live, then post.
-        let mut events = inst.events.subscribe();
-        if inst.stream != Stream::Live {
-            let key = inst.key.clone();
-            let v = self
-                .registry
-                .wait_for(self.config.health_timeout, |v| {
-                    v.get(&key).is_some_and(|i| i.stream == Stream::Live)
-                })
-                .await;
-            if !v.get(&key).is_some_and(|i| i.stream == Stream::Live) {
-                self.registry.recheck(&key);
-                return Ok(fail(format!(
-                    "The event stream of {name} is not connected, so the reply could not be followed; nothing was sent. Try again in a moment, or call instances to check it."
-                )));
-            }
-        }
-        if let Err(e) = client.prompt_async(&sid, &message).await {
-            return Ok(self.api_failure(&inst, "send the prompt", e));
-        }
-
-        let progress_token = ctx.meta.get_progress_token();
-        let deadline = tokio::time::Instant::now() + self.config.send_timeout;
-        let mut view_rx = self.registry.watch();
-        let mut text = String::new();
-        let mut turn_error: Option<String> = None;
-        let mut lagged = false;
-        let mut non_text_parts = std::collections::HashSet::new();
-        let ending = loop {
-            tokio::select! {
-                _ = ctx.ct.cancelled() => break Ending::Cancelled,
-                _ = tokio::time::sleep_until(deadline) => break Ending::Timeout,
-                changed = view_rx.changed() => {
-                    if changed.is_err() {
-                        break Ending::Lost("the server is shutting down".into());
-                    }
-                    let v = view_rx.borrow_and_update().clone();
-                    match v.get(&inst.key) {
-                        None => break Ending::Lost(format!("{name} disappeared from discovery")),
-                        Some(i) => match &i.health {
-                            Health::Offline { reason, .. } => break Ending::Lost(format!("{name} went offline: {reason}")),
-                            _ if i.stream == Stream::Live && !i.statuses.contains_key(&sid) && lagged => {
-                                // Reconnected after missing events and the session is idle now.
-                                break Ending::Idle;
-                            }
-                            _ => {
-                                if i.stream != Stream::Live {
-                                    // Events may be missed while reconnecting.
-                                    lagged = true;
-                                }
-                            }
-                        },
-                    }
-                }
-                ev = events.recv() => match ev {
-                    Ok(ev) => {
-                        if ev.session_id() != Some(sid.as_str()) {
-                            continue;
-                        }
-                        match &ev.kind {
-                            EventKind::PartDelta { part_id, field, delta, .. } if field == "text" && !non_text_parts.contains(part_id) => {
-                                text.push_str(delta);
-                                if let Some(token) = &progress_token {
-                                    let p = ProgressNotificationParam::new(token.clone(), text.len() as f64).with_message(delta.clone());
-                                    let _ = ctx.peer.notify_progress(p).await;
-                                }
-                            }
-                            EventKind::Other if ev.kind_name == "message.part.updated" => {
-                                if let Some(part) = ev.properties.get("part") {
-                                    let kind = part.get("type").and_then(|t| t.as_str()).unwrap_or("");
-                                    if kind != "text"
-                                        && let Some(id) = part.get("id").and_then(|t| t.as_str()) {
-                                            non_text_parts.insert(id.to_string());
-                                        }
-                                }
-                            }
-                            EventKind::SessionError { error, .. } => {
-                                turn_error = Some(error.as_ref().map(|e| e.describe()).unwrap_or_else(|| "unknown error".into()));
-                            }
-                            EventKind::Idle { .. } | EventKind::Status { status: SessionStatus::Idle, .. } => break Ending::Idle,
-                            _ => {}
-                        }
-                    }
-                    Err(RecvError::Lagged(n)) => {
-                        tracing::debug!(skipped = n, "send fell behind the event stream");
-                        lagged = true;
-                    }
-                    Err(RecvError::Closed) => break Ending::Lost(format!("{name} disappeared from discovery")),
-                }
-            }
-        };
-
-        if matches!(ending, Ending::Cancelled) {
-            tracing::debug!(instance = %name, session = %sid, "send cancelled by the client; stopped following");
-            // The client gave up; rmcp drops the late answer anyway.
-            return Ok(fail(
-                "cancelled by the client; the prompt keeps running on the instance.",
-            ));
-        }
-        if matches!(ending, Ending::Idle) {
-            // The stored messages are the truth: they carry errors that
-            // arrive without a session id, and the text of missed deltas.
-            if let Some(turn) = finished_turn(&client, &sid, &message).await {
-                if turn_error.is_none() {
-                    turn_error = turn.error;
-                }
-                if lagged || text.is_empty() {
-                    text = turn.text;
-                }
-            }
-        }
-        let aborted = turn_error
-            .as_deref()
-            .is_some_and(|e| e.starts_with("MessageAbortedError"));
-        let (outcome, body, is_error) = match ending {
-            Ending::Timeout => {
-                let body = if text.is_empty() {
-                    format!("Message sent to {name}, but no response yet.")
-                } else {
-                    text.clone()
+        match self.requests.claim(&id) {
+            Claim::New => {}
+            Claim::Done(result) => return Ok(result),
+            Claim::InFlight => {
+                let out = SendOutput {
+                    instance: args.instance.clone(),
+                    session_id: None,
+                    outcome: "duplicate".into(),
+                    text: String::new(),
+                    error: None,
+                    rejected_permissions: 0,
                 };
-                (
-                    "timeout",
-                    format!("{body}\n\n(still processing — timed out waiting for response)"),
-                    false,
-                )
+                return Ok(ok(
+                    format!(
+                        "A send with request_id \"{id}\" is already under way; the prompt was not sent again. Use wait or read to follow it."
+                    ),
+                    &out,
+                ));
             }
-            Ending::Lost(why) => (
-                "failed",
-                format!(
-                    "Lost track of the reply: {why}. The prompt may or may not have run; call read with instance=\"{name}\" once it is back.{}",
-                    if text.is_empty() {
-                        String::new()
-                    } else {
-                        format!("\n\nReceived so far:\n{text}")
-                    }
-                ),
-                true,
-            ),
-            Ending::Idle if aborted => (
-                "aborted",
-                format!("{text}\n\n(aborted)").trim_start().to_string(),
-                false,
-            ),
-            Ending::Idle if turn_error.is_some() => (
-                "failed",
-                format!(
-                    "OpenCode reported an error for this prompt: {}{}",
-                    turn_error.clone().unwrap_or_default(),
-                    if text.is_empty() {
-                        String::new()
-                    } else {
-                        format!("\n\n{text}")
-                    }
-                ),
-                true,
-            ),
-            Ending::Idle if text.is_empty() => (
-                "no_reply",
-                format!(
-                    "Message sent to {name}, but no response received. Check the instance directly."
-                ),
-                false,
-            ),
-            Ending::Idle => ("completed", text.clone(), false),
-            Ending::Cancelled => unreachable!("handled above"),
-        };
-        let out = SendOutput {
-            instance: name,
-            session_id: Some(sid),
-            outcome: outcome.into(),
-            text,
-            error: turn_error,
-            rejected_permissions: 0,
-        };
-        let mut result = ok(body, &out);
-        result.is_error = Some(is_error);
-        Ok(result)
+        }
+        let posted = AtomicBool::new(false);
+        let result = self.send_once(args, ctx, &posted).await;
+        // Remember the outcome only when the prompt really went out, so a
+        // retry after a failure before posting can still send.
+        let keep = result
+            .as_ref()
+            .ok()
+            .filter(|_| posted.load(Ordering::SeqCst))
+            .cloned();
+        self.requests.finish(&id, keep);
+        result
     }
 
     /// `read`
@@ -477,8 +283,268 @@ impl OpenCodeMcp {
 }
 
 impl OpenCodeMcp {
+    /// One `send` without retry bookkeeping; sets `posted` once the prompt went out.
+    async fn send_once(
+        &self,
+        args: SendArgs,
+        ctx: RequestContext<RoleServer>,
+        posted: &AtomicBool,
+    ) -> Result<CallToolResult, McpError> {
+        let inst =
+            match resolve::instance(&self.registry, &args.instance, self.config.health_timeout)
+                .await
+            {
+                Ok(i) => i,
+                Err(e) => return Ok(fail(e)),
+            };
+        if args.abort {
+            return Ok(self.abort_session(&inst, args.session_id.as_deref()).await);
+        }
+        let Some(message) = args.message.filter(|m| !m.trim().is_empty()) else {
+            return Ok(fail("message is required when not aborting."));
+        };
+        let client = inst.client.clone();
+        let name = inst.name.clone();
+
+        let session = if args.new_session {
+            match client.create_session(None, None).await {
+                Ok(s) => s,
+                Err(e) => return Ok(self.api_failure(&inst, "create a session", e)),
+            }
+        } else {
+            match resolve::session(&client, &name, args.session_id.as_deref()).await {
+                Ok(Some(s)) => s,
+                // The seed refused here; a new session is what the user wants.
+                Ok(None) => match client.create_session(None, None).await {
+                    Ok(s) => s,
+                    Err(e) => return Ok(self.api_failure(&inst, "create a session", e)),
+                },
+                Err(e) => {
+                    self.registry.recheck(&inst.key);
+                    return Ok(fail(e));
+                }
+            }
+        };
+        let sid = session.id.clone();
+
+        let busy = match client.session_status(None).await {
+            Ok(m) => m.get(&sid).is_some_and(SessionStatus::is_active),
+            Err(e) => return Ok(self.api_failure(&inst, "read session status", e)),
+        };
+        if busy {
+            let text = format!(
+                "{name} is currently busy processing a task. You can wait for it to finish, or call send with abort=true to stop it."
+            );
+            let out = SendOutput {
+                instance: name,
+                session_id: Some(sid),
+                outcome: "busy".into(),
+                text: String::new(),
+                error: None,
+                rejected_permissions: 0,
+            };
+            return Ok(ok(text, &out));
+        }
+
+        // Subscribe first, then make sure the stream is live, then post.
+        let mut events = inst.events.subscribe();
+        if inst.stream != Stream::Live {
+            let key = inst.key.clone();
+            let v = self
+                .registry
+                .wait_for(self.config.health_timeout, |v| {
+                    v.get(&key).is_some_and(|i| i.stream == Stream::Live)
+                })
+                .await;
+            if !v.get(&key).is_some_and(|i| i.stream == Stream::Live) {
+                self.registry.recheck(&key);
+                return Ok(fail(format!(
+                    "The event stream of {name} is not connected, so the reply could not be followed; nothing was sent. Try again in a moment, or call instances to check it."
+                )));
+            }
+        }
+        if let Err(e) = client.prompt_async(&sid, &message).await {
+            return Ok(self.api_failure(&inst, "send the prompt", e));
+        }
+        posted.store(true, Ordering::SeqCst);
+
+        let progress_token = ctx.meta.get_progress_token();
+        let deadline = tokio::time::Instant::now() + self.config.send_timeout;
+        let mut view_rx = self.registry.watch();
+        let mut text = String::new();
+        let mut turn_error: Option<String> = None;
+        let mut lagged = false;
+        let mut non_text_parts = std::collections::HashSet::new();
+        // An idle that arrives before this turn visibly started may belong to
+        // the previous turn (an abort emits two idle pairs, the second one
+        // late); only accept it once the stored messages confirm our turn.
+        let mut started = false;
+        let ending = loop {
+            tokio::select! {
+                _ = ctx.ct.cancelled() => break Ending::Cancelled,
+                _ = tokio::time::sleep_until(deadline) => break Ending::Timeout,
+                changed = view_rx.changed() => {
+                    if changed.is_err() {
+                        break Ending::Lost("the server is shutting down".into());
+                    }
+                    let v = view_rx.borrow_and_update().clone();
+                    match v.get(&inst.key) {
+                        None => break Ending::Lost(format!("{name} disappeared from discovery")),
+                        Some(i) => match &i.health {
+                            Health::Offline { reason, .. } => break Ending::Lost(format!("{name} went offline: {reason}")),
+                            _ if i.stream == Stream::Live && !i.statuses.contains_key(&sid) && lagged => {
+                                // Reconnected after missing events and the session is idle now.
+                                break Ending::Idle;
+                            }
+                            _ => {
+                                if i.stream != Stream::Live {
+                                    // Events may be missed while reconnecting.
+                                    lagged = true;
+                                }
+                            }
+                        },
+                    }
+                }
+                ev = events.recv() => match ev {
+                    Ok(ev) => {
+                        if ev.session_id() != Some(sid.as_str()) {
+                            continue;
+                        }
+                        match &ev.kind {
+                            EventKind::PartDelta { part_id, field, delta, .. } if field == "text" && !non_text_parts.contains(part_id) => {
+                                started = true;
+                                text.push_str(delta);
+                                if let Some(token) = &progress_token {
+                                    let p = ProgressNotificationParam::new(token.clone(), text.len() as f64).with_message(delta.clone());
+                                    let _ = ctx.peer.notify_progress(p).await;
+                                }
+                            }
+                            EventKind::Other if ev.kind_name == "message.part.updated" => {
+                                if let Some(part) = ev.properties.get("part") {
+                                    let kind = part.get("type").and_then(|t| t.as_str()).unwrap_or("");
+                                    if kind != "text"
+                                        && let Some(id) = part.get("id").and_then(|t| t.as_str()) {
+                                            non_text_parts.insert(id.to_string());
+                                        }
+                                }
+                            }
+                            EventKind::SessionError { error, .. } => {
+                                turn_error = Some(error.as_ref().map(|e| e.describe()).unwrap_or_else(|| "unknown error".into()));
+                            }
+                            EventKind::Status { status, .. } if status.is_active() => started = true,
+                            EventKind::MessageUpdated { info } if info.role == "assistant" => started = true,
+                            EventKind::Idle { .. } | EventKind::Status { status: SessionStatus::Idle, .. } => {
+                                let confirmed = started || turn_is_complete(&client, &sid, &message).await;
+                                if confirmed {
+                                    break Ending::Idle;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::debug!(skipped = n, "send fell behind the event stream");
+                        lagged = true;
+                    }
+                    Err(RecvError::Closed) => break Ending::Lost(format!("{name} disappeared from discovery")),
+                }
+            }
+        };
+
+        if matches!(ending, Ending::Cancelled) {
+            tracing::debug!(instance = %name, session = %sid, "send cancelled by the client; stopped following");
+            // The client gave up; rmcp drops the late answer anyway.
+            return Ok(fail(
+                "cancelled by the client; the prompt keeps running on the instance.",
+            ));
+        }
+        if matches!(ending, Ending::Idle) {
+            // The stored messages are the truth: they carry errors that
+            // arrive without a session id, and the text of missed deltas.
+            if let Some(turn) = finished_turn(&client, &sid, &message).await {
+                if turn_error.is_none() {
+                    turn_error = turn.error;
+                }
+                if lagged || text.is_empty() {
+                    text = turn.text;
+                }
+            }
+        }
+        let aborted = turn_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("MessageAbortedError"));
+        let (outcome, body, is_error) = match ending {
+            Ending::Timeout => {
+                let body = if text.is_empty() {
+                    format!("Message sent to {name}, but no response yet.")
+                } else {
+                    text.clone()
+                };
+                (
+                    "timeout",
+                    format!("{body}\n\n(still processing — timed out waiting for response)"),
+                    false,
+                )
+            }
+            Ending::Lost(why) => (
+                "failed",
+                format!(
+                    "Lost track of the reply: {why}. The prompt may or may not have run; call read with instance=\"{name}\" once it is back.{}",
+                    if text.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\n\nReceived so far:\n{text}")
+                    }
+                ),
+                true,
+            ),
+            Ending::Idle if aborted => (
+                "aborted",
+                format!("{text}\n\n(aborted)").trim_start().to_string(),
+                false,
+            ),
+            Ending::Idle if turn_error.is_some() => (
+                "failed",
+                format!(
+                    "OpenCode reported an error for this prompt: {}{}",
+                    turn_error.clone().unwrap_or_default(),
+                    if text.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\n\n{text}")
+                    }
+                ),
+                true,
+            ),
+            Ending::Idle if text.is_empty() => (
+                "no_reply",
+                format!(
+                    "Message sent to {name}, but no response received. Check the instance directly."
+                ),
+                false,
+            ),
+            Ending::Idle => ("completed", text.clone(), false),
+            Ending::Cancelled => unreachable!("handled above"),
+        };
+        let out = SendOutput {
+            instance: name,
+            session_id: Some(sid),
+            outcome: outcome.into(),
+            text,
+            error: turn_error,
+            rejected_permissions: 0,
+        };
+        let mut result = ok(body, &out);
+        result.is_error = Some(is_error);
+        Ok(result)
+    }
+
     /// `send` with abort=true: stop the running turn and refuse what it left asking.
-    async fn abort(&self, inst: &Arc<Instance>, session_query: Option<&str>) -> CallToolResult {
+    pub(crate) async fn abort_session(
+        &self,
+        inst: &Arc<Instance>,
+        session_query: Option<&str>,
+    ) -> CallToolResult {
         let name = inst.name.clone();
         let client = &inst.client;
         let target = match session_query {
@@ -569,6 +635,24 @@ struct Turn {
     error: Option<String>,
 }
 
+/// Whether the stored messages show our prompt answered by a completed turn.
+async fn turn_is_complete(client: &OpenCodeClient, sid: &str, prompt: &str) -> bool {
+    let Ok(msgs) = client.messages(sid, Some(20)).await else {
+        return false;
+    };
+    let Some(start) = msgs
+        .iter()
+        .rposition(|m| m.info.role == "user" && m.text() == prompt)
+    else {
+        return false;
+    };
+    msgs[start + 1..]
+        .iter()
+        .rev()
+        .find(|m| m.info.role == "assistant")
+        .is_some_and(|m| m.info.time.completed.is_some())
+}
+
 async fn finished_turn(client: &OpenCodeClient, sid: &str, prompt: &str) -> Option<Turn> {
     let msgs = client.messages(sid, Some(50)).await.ok()?;
     let start = msgs
@@ -592,7 +676,7 @@ async fn finished_turn(client: &OpenCodeClient, sid: &str, prompt: &str) -> Opti
     })
 }
 
-fn message_out(m: &Message) -> MessageOut {
+pub(crate) fn message_out(m: &Message) -> MessageOut {
     MessageOut {
         id: m.info.id.clone(),
         role: m.info.role.clone(),

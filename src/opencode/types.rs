@@ -150,6 +150,40 @@ pub struct MessageInfo {
     /// For assistant messages: the user message it answers.
     #[serde(default, rename = "parentID")]
     pub parent_id: Option<String>,
+    /// On user messages: `{title?, body?, diffs: [FileDiff]}`, the net change
+    /// of that turn (OpenCode 1.18 keeps session-level diffs empty).
+    #[serde(default)]
+    pub summary: Option<Value>,
+}
+
+impl MessageInfo {
+    /// File changes recorded for this (user) turn.
+    pub fn diffs(&self) -> Vec<FileDiff> {
+        self.summary
+            .as_ref()
+            .and_then(|s| s.get("diffs"))
+            .and_then(|d| serde_json::from_value(d.clone()).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// One file's change in a turn (`SnapshotFileDiff`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct FileDiff {
+    /// Project-relative path.
+    pub file: String,
+    /// Unified diff.
+    #[serde(default)]
+    pub patch: String,
+    /// Lines added.
+    #[serde(default)]
+    pub additions: u64,
+    /// Lines removed.
+    #[serde(default)]
+    pub deletions: u64,
+    /// added, modified or deleted.
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
 /// State of a tool part.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use view::{Fanout, Health, Instance, SessionBrief, Stream, View};
+pub use view::{Fanout, Health, Instance, PendingPermission, SessionBrief, Stream, View};
 
 use crate::config::Config;
 use crate::error::Result;
@@ -209,7 +209,13 @@ impl State {
                     }
                     c
                 }
-                Some(h) = health_rx.recv() => self.on_health(h).await,
+                Some(h) = health_rx.recv() => {
+                    let mut c = self.on_health(h).await;
+                    while let Ok(h) = health_rx.try_recv() {
+                        c |= self.on_health(h).await;
+                    }
+                    c
+                }
                 Some(m) = fol_rx.recv() => {
                     let mut c = self.on_follower(m);
                     while let Ok(m) = fol_rx.try_recv() {
@@ -402,7 +408,6 @@ impl State {
             return false;
         };
         entry.checking = false;
-        entry.checked_once = true;
         if entry.published.paths != h.tried {
             // Paths changed while checking: check again with the new ones.
             entry.next_check = Instant::now();
@@ -482,6 +487,19 @@ impl State {
                 }
             }
         }
+        // A routine check that changes nothing must not publish a new view:
+        // with many instances that is most checks.
+        let old = &entry.published;
+        let unchanged = old.health == inst.health
+            && old.active == inst.active
+            && old.stream == inst.stream
+            && old.statuses == inst.statuses
+            && old.permissions == inst.permissions;
+        let first = !entry.checked_once;
+        entry.checked_once = true;
+        if unchanged && !first {
+            return false;
+        }
         entry.published = Arc::new(inst);
         true
     }
@@ -507,7 +525,19 @@ impl State {
                 if recent.is_some() {
                     inst.recent = recent;
                 }
-                inst.permissions = permissions;
+                // Keep the first-seen time of requests we already knew.
+                let now = SystemTime::now();
+                inst.permissions = permissions
+                    .into_iter()
+                    .map(|request| {
+                        let since = inst
+                            .permissions
+                            .iter()
+                            .find(|p| p.request.id == request.id)
+                            .map_or(now, |p| p.since);
+                        PendingPermission { request, since }
+                    })
+                    .collect();
                 inst.stream = Stream::Live;
             }
             FollowerEvent::Status { session_id, status } => {
@@ -531,11 +561,16 @@ impl State {
                 inst.recent = Some(brief);
             }
             FollowerEvent::PermissionAsked(p) => {
-                inst.permissions.retain(|q| q.id != p.id);
-                inst.permissions.push(p);
+                if inst.permissions.iter().any(|q| q.request.id == p.id) {
+                    return false;
+                }
+                inst.permissions.push(PendingPermission {
+                    request: p,
+                    since: SystemTime::now(),
+                });
             }
             FollowerEvent::PermissionReplied { request_id } => {
-                inst.permissions.retain(|q| q.id != request_id);
+                inst.permissions.retain(|q| q.request.id != request_id);
             }
             FollowerEvent::Lost { reason } => {
                 tracing::debug!(instance = %inst.name, %reason, "event stream lost; re-checking health");

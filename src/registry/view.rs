@@ -82,7 +82,9 @@ impl Fanout {
 
     /// Subscribes; events sent from now on are received.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.0.get_or_init(|| broadcast::channel(Self::CAPACITY).0).subscribe()
+        self.0
+            .get_or_init(|| broadcast::channel(Self::CAPACITY).0)
+            .subscribe()
     }
 
     /// Sends to the subscribers, if any.
@@ -91,6 +93,15 @@ impl Fanout {
             let _ = tx.send(event);
         }
     }
+}
+
+/// A permission request waiting for an answer, and since when we know of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingPermission {
+    /// The request as OpenCode states it.
+    pub request: PermissionRequest,
+    /// When this server first saw it.
+    pub since: SystemTime,
 }
 
 /// A brief of the most recently updated session.
@@ -129,8 +140,8 @@ pub struct Instance {
     pub statuses: HashMap<String, SessionStatus>,
     /// Most recently updated session, when known.
     pub recent: Option<SessionBrief>,
-    /// Pending permission requests.
-    pub permissions: Vec<PermissionRequest>,
+    /// Pending permission requests, oldest first.
+    pub permissions: Vec<PendingPermission>,
     /// Live events from the follower; see [`Instance::subscribe`].
     pub events: Fanout,
     /// When this instance was first discovered.

@@ -61,6 +61,8 @@ const READY_AFTER: Duration = Duration::from_millis(300);
 /// After a browse had to be restarted, advertisements not re-announced from
 /// mdns-sd's cache within this long are considered gone.
 const RESYNC_AFTER: Duration = Duration::from_secs(1);
+/// How often a browse that could not start is tried again.
+const BROWSE_RETRY: Duration = Duration::from_secs(5);
 /// A daemon error is listed as a problem until this long passes without another.
 const DAEMON_PROBLEM_TTL: Duration = Duration::from_secs(60);
 /// Source named in problems about the daemon itself.
@@ -612,12 +614,23 @@ async fn send_all(events: &mpsc::Sender<Discovery>, changes: Vec<Change>) {
 
 async fn run(daemon: ServiceDaemon, mut link: TransportLink) -> Result<()> {
     let mut tracker = Tracker::default();
-    let unavailable = |e: mdns_sd::Error| Error::TransportUnavailable {
-        transport: "mdns",
-        reason: format!("the mDNS daemon refused to browse: {e}"),
+    // A browse that cannot start is a problem to show, not the end of the
+    // transport: the registry would otherwise wait for its `Ready` forever.
+    let start = |kind: Kind, tracker: &mut Tracker| match browse(&daemon, kind) {
+        Ok(b) => (Some(b), Vec::new()),
+        Err(e) => {
+            tracing::warn!(ty = kind.service_type(), error = %e, "cannot browse mDNS");
+            let changes = tracker.daemon_error(
+                format!("cannot browse {}: {e}", kind.service_type()),
+                Instant::now(),
+            );
+            (None, changes)
+        }
     };
-    let mut agents = Some(browse(&daemon, Kind::Agent).map_err(unavailable)?);
-    let mut http = Some(browse(&daemon, Kind::Http).map_err(unavailable)?);
+    let (mut agents, changes) = start(Kind::Agent, &mut tracker);
+    send_all(&link.events, changes).await;
+    let (mut http, changes) = start(Kind::Http, &mut tracker);
+    send_all(&link.events, changes).await;
     let mut monitor = daemon.monitor().ok();
     let started = tokio::time::Instant::now();
     let ready = tokio::time::sleep_until(started + READY_AFTER);
@@ -625,6 +638,7 @@ async fn run(daemon: ServiceDaemon, mut link: TransportLink) -> Result<()> {
     let mut ready_sent = false;
     // Restarted browses waiting for mdns-sd's cache to be re-read.
     let mut resyncs: Vec<(Kind, Instant)> = Vec::new();
+    let mut last_retry = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -674,7 +688,23 @@ async fn run(daemon: ServiceDaemon, mut link: TransportLink) -> Result<()> {
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                let mut changes = tracker.expire_daemon_problem(now);
+                let mut changes = Vec::new();
+                if (agents.is_none() || http.is_none())
+                    && now.duration_since(last_retry) >= BROWSE_RETRY
+                {
+                    last_retry = now;
+                    for (kind, slot) in [(Kind::Agent, &mut agents), (Kind::Http, &mut http)] {
+                        if slot.is_none() {
+                            let (b, c) = start(kind, &mut tracker);
+                            if b.is_some() {
+                                resyncs.push((kind, now));
+                            }
+                            *slot = b;
+                            changes.extend(c);
+                        }
+                    }
+                }
+                changes.extend(tracker.expire_daemon_problem(now));
                 let due: Vec<(Kind, Instant)> = resyncs
                     .iter()
                     .copied()

@@ -10,6 +10,7 @@
 
 pub mod local_relay;
 pub mod mdns;
+pub mod tailscale;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -34,17 +35,25 @@ pub enum TransportKind {
     /// Multicast DNS-SD on the attached networks: `opencode-agent`'s
     /// `_opencode._tcp` and OpenCode's own `--mdns` (`_http._tcp`) advertisements.
     Mdns,
+    /// Unicast DNS-SD to every online node of the tailnet (Tailscale's LocalAPI
+    /// lists the nodes; `opencode-agent` answers on each node's tailnet address).
+    Tailscale,
 }
 
 impl TransportKind {
     /// Every transport compiled into this build, in preference order.
-    pub const ALL: &'static [TransportKind] = &[TransportKind::LocalRelay, TransportKind::Mdns];
+    pub const ALL: &'static [TransportKind] = &[
+        TransportKind::LocalRelay,
+        TransportKind::Mdns,
+        TransportKind::Tailscale,
+    ];
 
     /// The `TRANSPORT` name.
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::LocalRelay => "local-relay",
             TransportKind::Mdns => "mdns",
+            TransportKind::Tailscale => "tailscale",
         }
     }
 
@@ -255,6 +264,15 @@ pub fn build(config: &Config) -> Result<Vec<Box<dyn Transport>>> {
                 Err(e) if auto => tracing::info!("mdns transport skipped: {e}"),
                 Err(e) => return Err(e),
             },
+            TransportKind::Tailscale => {
+                match tailscale::TailscaleOptions::from_env(config)
+                    .and_then(tailscale::Tailscale::new)
+                {
+                    Ok(t) => out.push(Box::new(t)),
+                    Err(e) if auto => tracing::info!("tailscale transport skipped: {e}"),
+                    Err(e) => return Err(e),
+                }
+            }
         }
     }
     Ok(out)
@@ -272,7 +290,11 @@ mod tests {
         );
         assert_eq!(
             TransportKind::parse_list(" auto , local-relay").unwrap(),
-            vec![TransportKind::LocalRelay, TransportKind::Mdns]
+            vec![
+                TransportKind::LocalRelay,
+                TransportKind::Mdns,
+                TransportKind::Tailscale
+            ]
         );
         assert_eq!(
             TransportKind::parse_list("MDNS").unwrap(),
@@ -286,7 +308,10 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("carrier-pigeon"), "{msg}");
         assert!(
-            msg.contains("local-relay") && msg.contains("mdns") && msg.contains("auto"),
+            msg.contains("local-relay")
+                && msg.contains("mdns")
+                && msg.contains("tailscale")
+                && msg.contains("auto"),
             "{msg}"
         );
         assert!(TransportKind::parse_list(" , ").is_err());

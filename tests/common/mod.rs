@@ -4,4 +4,5 @@
 
 pub mod fake_opencode;
 pub mod mcp_client;
+pub mod netns;
 pub mod real_opencode;

@@ -153,24 +153,65 @@ pub fn require_bin(name: &str, package: &str) -> Option<PathBuf> {
             .find(|p| is_executable(p))
     });
     if found.is_none() {
-        skip(&format!("`{name}` is not installed (Debian package {package})"));
+        skip(&format!(
+            "`{name}` is not installed (Debian package {package})"
+        ));
     }
     found
 }
 
+/// Newest modification time of the files under `dir` (recursively).
+fn newest_mtime(dir: &Path) -> Option<SystemTime> {
+    let mut newest = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if let Ok(m) = meta.modified() {
+                newest = newest.max(Some(m));
+            }
+        }
+    }
+    newest
+}
+
 /// The `opencode-mcp` binary. In the root package's tests it is Cargo's
-/// `CARGO_BIN_EXE_opencode-mcp`; in the agent's tests it is built (a no-op
-/// when fresh) next to `opencode-agent`, with the same profile and target dir.
+/// `CARGO_BIN_EXE_opencode-mcp`. In the agent's tests it is the one next to
+/// `opencode-agent` (same profile and target dir), built with `cargo build`
+/// when missing or older than the server's sources (`src/`, `Cargo.toml`,
+/// `Cargo.lock`), e.g. when only the agent's tests were asked for.
 pub fn opencode_mcp_bin() -> PathBuf {
+    static BUILD: Mutex<()> = Mutex::new(());
     if let Some(p) = option_env!("CARGO_BIN_EXE_opencode-mcp") {
         return PathBuf::from(p);
     }
-    let agent = PathBuf::from(
-        option_env!("CARGO_BIN_EXE_opencode-agent")
-            .expect("neither opencode-mcp nor opencode-agent is a binary of this package"),
-    );
+    let Some(agent) = option_env!("CARGO_BIN_EXE_opencode-agent") else {
+        panic!("neither opencode-mcp nor opencode-agent is a binary of this package");
+    };
+    let agent = PathBuf::from(agent);
     let profile_dir = agent.parent().expect("agent binary has a directory");
     let bin = profile_dir.join("opencode-mcp");
+    let _one_build_at_a_time = lock(&BUILD);
+    let root = workspace_root();
+    let sources = [
+        newest_mtime(&root.join("src")),
+        fs::metadata(root.join("Cargo.toml"))
+            .and_then(|m| m.modified())
+            .ok(),
+        fs::metadata(root.join("Cargo.lock"))
+            .and_then(|m| m.modified())
+            .ok(),
+    ]
+    .into_iter()
+    .flatten()
+    .max();
+    let built_at = fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    if is_executable(&bin) && built_at.is_some() && built_at >= sources {
+        return bin;
+    }
     let profile = profile_dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -178,11 +219,18 @@ pub fn opencode_mcp_bin() -> PathBuf {
     let target_dir = profile_dir.parent().expect("profile dir has a parent");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "opencode-mcp", "--bin", "opencode-mcp"])
-        .arg("--manifest-path")
-        .arg(workspace_root().join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(target_dir);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "opencode-mcp",
+        "--bin",
+        "opencode-mcp",
+    ])
+    .arg("--manifest-path")
+    .arg(workspace_root().join("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(target_dir);
     match profile {
         "debug" => {}
         "release" => {
@@ -394,7 +442,17 @@ impl Netns {
         ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
         // 224.0.0.251 is always flooded, but ff02::fb may be filtered by MLD
         // snooping without a querier: switch snooping off.
-        ip(&["-n", &br, "link", "set", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        ip(&[
+            "-n",
+            &br,
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
         ip(&["-n", &br, "link", "set", "br0", "up"]);
         for i in 1..=n {
             let ns = format!("{prefix}-n{i}");
@@ -541,7 +599,9 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd` with stdin null and both outputs recorded.
     pub fn spawn(label: &str, mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {label} ({cmd:?}): {e}"));
@@ -563,7 +623,9 @@ impl Proc {
 
     /// Spawns `cmd` with piped stdin/stdout left to the caller; stderr recorded.
     fn spawn_piped(label: &str, mut cmd: Command) -> (Proc, ChildStdin, std::process::ChildStdout) {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {label} ({cmd:?}): {e}"));
@@ -714,13 +776,8 @@ impl Mcp {
     /// completes the MCP handshake.
     pub fn start(net: &Netns, i: usize, env: &[(&str, &str)]) -> Mcp {
         let mut cmd = net.command(i, opencode_mcp_bin());
-        Self::start_command(&format!("opencode-mcp@{}", net.ns(i)), cmd_env(&mut cmd, env))
-    }
-
-    /// Starts `opencode-mcp` directly (no namespace), for tests that need none.
-    pub fn start_here(env: &[(&str, &str)]) -> Mcp {
-        let mut cmd = Command::new(opencode_mcp_bin());
-        Self::start_command("opencode-mcp", cmd_env(&mut cmd, env))
+        apply_env(&mut cmd, env);
+        Self::start_command(&format!("opencode-mcp@{}", net.ns(i)), cmd)
     }
 
     fn start_command(label: &str, cmd: Command) -> Mcp {
@@ -774,7 +831,13 @@ impl Mcp {
         stdin
             .write_all(&bytes)
             .and_then(|()| stdin.flush())
-            .unwrap_or_else(|e| panic!("write to {}: {e}\n{}", self.proc.label(), self.proc.output()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "write to {}: {e}\n{}",
+                    self.proc.label(),
+                    self.proc.output()
+                )
+            });
     }
 
     fn notify(&self, method: &str, params: Value) {
@@ -798,7 +861,10 @@ impl Mcp {
                 }
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {
-                    panic!("{method} got no answer within {timeout:?} from {}", self.proc.label())
+                    panic!(
+                        "{method} got no answer within {timeout:?} from {}",
+                        self.proc.label()
+                    )
                 }
                 Err(RecvTimeoutError::Disconnected) => panic!(
                     "{} closed stdout during {method}; stderr:\n{}",
@@ -837,6 +903,17 @@ impl Mcp {
     pub fn proc(&mut self) -> &mut Proc {
         &mut self.proc
     }
+
+    /// The first stderr line of the server containing every one of
+    /// `needles`, if any yet (with `RUST_LOG=opencode_mcp=debug`, the
+    /// default, discovery is logged).
+    pub fn stderr_line(&self, needles: &[&str]) -> Option<String> {
+        self.proc
+            .lines()
+            .into_iter()
+            .find(|l| needles.iter().all(|n| l.text.contains(n)))
+            .map(|l| l.text)
+    }
 }
 
 /// Joined text content of a tool result.
@@ -852,7 +929,7 @@ pub fn result_text(result: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn cmd_env(cmd: &mut Command, env: &[(&str, &str)]) -> Command {
+fn apply_env(cmd: &mut Command, env: &[(&str, &str)]) {
     cmd.env_clear();
     for key in PASSTHROUGH_ENV {
         if let Ok(v) = env::var(key) {
@@ -865,7 +942,6 @@ fn cmd_env(cmd: &mut Command, env: &[(&str, &str)]) -> Command {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    std::mem::replace(cmd, Command::new("true"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -884,8 +960,14 @@ pub struct FakeLlm {
 impl FakeLlm {
     pub fn start(net: &Netns, i: usize, reply: &str) -> FakeLlm {
         let mut cmd = net.command(i, "python3");
-        cmd.arg(fixture("fake_llm.py"))
-            .args(["--host", "127.0.0.1", "--port", "0", "--reply", reply]);
+        cmd.arg(fixture("fake_llm.py")).args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--reply",
+            reply,
+        ]);
         let mut proc = Proc::spawn(&format!("fake-llm@{}", net.ns(i)), cmd);
         let line = proc.wait_line("listening on http://127.0.0.1:", Duration::from_secs(20));
         let port = line
@@ -1025,4 +1107,110 @@ pub fn count_by(instances: &Value, key: &str) -> HashMap<String, usize> {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helper processes and a fake OpenCode HTTP server
+// ---------------------------------------------------------------------------------------------
+
+/// Environment variable that turns a test binary's helper test into a helper.
+pub const HELPER_ENV: &str = "OCT_NETNS_HELPER";
+
+/// The role this process plays when it was started by [`helper_command`].
+pub fn helper_role() -> Option<String> {
+    env::var(HELPER_ENV).ok().filter(|r| !r.is_empty())
+}
+
+/// This test binary, run inside host `i`, executing only its `#[ignore]`d
+/// test `test_name` with [`HELPER_ENV`]=`role` (the helper test returns at
+/// once without it). Helpers print `READY …` on stdout when set up, then
+/// block until killed.
+pub fn helper_command(net: &Netns, i: usize, test_name: &str, role: &str) -> Command {
+    let exe = env::current_exe().expect("current test executable");
+    let mut cmd = net.command(i, exe);
+    cmd.args([
+        test_name,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(HELPER_ENV, role);
+    cmd
+}
+
+/// Blocks the calling helper forever (until it is killed).
+pub fn park_forever() -> ! {
+    loop {
+        thread::park();
+    }
+}
+
+/// Serves a minimal OpenCode look-alike on `listener` in background threads:
+/// `GET /global/health` → `{"healthy":true,"version":…}`, `GET /event` → an
+/// SSE stream (`server.connected`, then a heartbeat each second) held open,
+/// empty session/status/permission lists, 404 otherwise. Enough for the
+/// registry to call it online and follow it. With `require_auth`, requests
+/// without an `Authorization: Basic …` header get 401 like a password-protected
+/// OpenCode (the credentials themselves are not checked).
+pub fn serve_fake_opencode(listener: std::net::TcpListener, version: &str, require_auth: bool) {
+    let version = version.to_string();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let version = version.clone();
+            thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match conn.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap_or("/");
+                let path = target.split('?').next().unwrap_or("/");
+                let authorized = head
+                    .lines()
+                    .any(|l| l.to_ascii_lowercase().starts_with("authorization: basic "));
+                if require_auth && !authorized {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"Secure Area\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                    return;
+                }
+                if path == "/event" {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n",
+                    );
+                    let mut frame = json!({ "type": "server.connected", "properties": {} });
+                    loop {
+                        let line = format!("data: {frame}\n\n");
+                        if conn
+                            .write_all(line.as_bytes())
+                            .and_then(|()| conn.flush())
+                            .is_err()
+                        {
+                            return;
+                        }
+                        thread::sleep(Duration::from_secs(1));
+                        frame = json!({ "type": "server.heartbeat", "properties": {} });
+                    }
+                }
+                let (status, body) = match path {
+                    "/global/health" => ("200 OK", json!({ "healthy": true, "version": version })),
+                    "/session/status" => ("200 OK", json!({})),
+                    "/session" | "/permission" | "/question" => ("200 OK", json!([])),
+                    _ => ("404 Not Found", json!({ "name": "NotFoundError" })),
+                };
+                let body = body.to_string();
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(resp.as_bytes());
+            });
+        }
+    });
 }

@@ -18,6 +18,7 @@ use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -102,7 +103,9 @@ pub fn require_opencode() -> Option<PathBuf> {
     if is_ci() {
         panic!("CI is set, refusing to skip: {msg}");
     }
-    eprintln!(
+    // Straight to the process's stderr: libtest captures `eprintln!` of passing tests.
+    let _ = writeln!(
+        io::stderr(),
         "\n*************************************************************\n\
          SKIPPED: {msg}\n\
          *************************************************************\n"
@@ -190,7 +193,11 @@ impl ChildGuard {
             return s;
         }
         let _ = self.child.kill();
-        let s = self.child.wait().expect("wait for killed child");
+        // wait(2) on our own child only fails if it was already reaped elsewhere.
+        let s = self
+            .child
+            .wait()
+            .unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
         self.status = Some(s);
         s
     }
