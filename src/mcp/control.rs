@@ -130,7 +130,7 @@ pub struct WaitState {
     pub instance: String,
     /// Session id.
     pub session_id: String,
-    /// running, finished, needs_permission, failed, offline.
+    /// running, finished, needs_permission, aborted, failed, offline.
     pub state: String,
     /// Error text when failed, the question when a permission is pending.
     pub detail: Option<String>,
@@ -583,20 +583,32 @@ async fn target_state(view: &View, inst: &Arc<Instance>, sid: &str) -> WaitState
     match last_turn(&now.client, sid).await {
         Some((true, None)) => st.state = "finished".into(),
         Some((true, Some(err))) => {
-            st.state = "failed".into();
+            st.state = if err.starts_with("MessageAbortedError") {
+                "aborted"
+            } else {
+                "failed"
+            }
+            .into();
             st.detail = Some(err);
         }
         // Idle but not stored yet: still running as far as we can confirm.
         Some((false, _)) => {}
-        None => st.state = "finished".into(),
+        // Nothing stored yet: a prompt posted a moment ago is not visible
+        // before OpenCode stores it, so this cannot be called finished.
+        None => st.detail = Some("no message yet".into()),
     }
     st
 }
 
-/// (completed, error) of the session's last assistant message; None when it has none.
+/// (completed, error) of the session's last turn; None when the session has
+/// no messages. A last message from the user means the turn has not started
+/// (OpenCode can report idle right after `prompt_async`, before it is busy).
 async fn last_turn(client: &OpenCodeClient, sid: &str) -> Option<(bool, Option<String>)> {
     let msgs = client.messages(sid, Some(4)).await.ok()?;
-    let last = msgs.iter().rev().find(|m| m.info.role == "assistant")?;
+    let last = msgs.last()?;
+    if last.info.role != "assistant" {
+        return Some((false, None));
+    }
     Some((
         last.info.time.completed.is_some() || last.info.error.is_some(),
         last.info.error.as_ref().map(|e| e.describe()),

@@ -12,10 +12,12 @@
 //! What an answer means:
 //! - a reply (even an empty one) is the node's complete list: instances not in
 //!   it are gone;
-//! - "port unreachable" means no agent there: nothing on that node;
-//! - silence is only a missed answer: a node's instances are dropped after
-//!   [`TailscaleOptions::misses_before_gone`] silent sweeps in a row, so one
-//!   lost datagram does not make instances flicker.
+//! - silence or "port unreachable" is only a missed answer: a node's
+//!   instances are dropped after [`TailscaleOptions::misses_before_gone`]
+//!   such sweeps in a row, so one lost datagram, or the instant between one
+//!   agent's responder exiting and another agent on that host taking the
+//!   socket over, does not make instances flicker. (A node with no agent at
+//!   all refuses at once, so it costs a sweep nothing.)
 //!
 //! Endpoints are keyed by the TXT `id` (so the registry merges a tailnet path
 //! with LAN or relay paths of the same instance), reached with
@@ -435,11 +437,6 @@ impl State {
                     }
                 }
             }
-            Err(QueryError::Refused) => {
-                node.misses = 0;
-                node.endpoints.clear();
-                node.bad.clear();
-            }
             Err(QueryError::Bad(reason)) => {
                 node.misses = 0;
                 node.endpoints.clear();
@@ -591,9 +588,8 @@ async fn run(opts: TailscaleOptions, mut link: TransportLink) -> Result<()> {
                 }
             }
         }
-        if ready_sent {
-            st.report(&link.events).await;
-        }
+        // Report as answers arrive: a slow or silent node delays only itself.
+        st.report(&link.events).await;
     }
 }
 
@@ -761,7 +757,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refusal_and_empty_answers_are_complete_lists() {
+    async fn empty_answers_are_complete_lists_and_refusals_are_misses() {
         let (mut st, _rx) = state();
         st.apply_status(&status_with(&[("a", "100.90.1.2", true)]));
         let key = "na".to_string();

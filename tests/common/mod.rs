@@ -6,3 +6,4 @@ pub mod fake_opencode;
 pub mod mcp_client;
 pub mod netns;
 pub mod real_opencode;
+pub mod tailnet;
