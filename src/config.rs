@@ -16,9 +16,10 @@ use crate::transport::TransportKind;
 /// Longest help text shown above the options.
 const ABOUT: &str = "One MCP server for every OpenCode instance you run.
 
-Discovers OpenCode instances (relay registration files today; mDNS and Tailscale
-as they land), keeps their idle/busy status live, and lets an MCP client list
-them, read their sessions, send prompts and follow them to completion.
+Discovers OpenCode instances (relay registration files, mDNS on the LAN, peers
+of a Tailscale tailnet), keeps their idle/busy status live, and lets an MCP
+client list them, read their sessions, send prompts, answer their permission
+requests and follow them to completion.
 
 Run without a subcommand, it speaks MCP over stdio: point your MCP client
 (Claude Desktop, Claude Code, OpenCode) at this binary. `opencode-mcp instances`
@@ -56,8 +57,9 @@ pub enum Command {
 /// Every tunable, with the seed's environment variable names.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
-    /// Discovery transports, comma-separated: local-relay. `auto` picks every
-    /// transport that can work on this machine.
+    /// Discovery transports, comma-separated: local-relay (registration files),
+    /// mdns (DNS-SD on the LAN), tailscale (peers of the tailnet). `auto` picks
+    /// every transport that can work on this machine.
     #[arg(long, env = "TRANSPORT", default_value = "auto", value_name = "LIST")]
     pub transport: String,
 

@@ -116,6 +116,11 @@ pub enum Error {
     #[error("Tailscale: {0}")]
     Tailscale(String),
 
+    /// The fleet secret (OPENCODE_MCP_SECRET or its file) is malformed, unsafe
+    /// or cannot be written. The message never contains the secret.
+    #[error("fleet secret: {0}")]
+    Secret(String),
+
     /// Filesystem trouble outside of registration parsing.
     #[error("{action} {}: {source}", .path.display())]
     Io {

@@ -372,14 +372,14 @@ impl State {
             };
             entry.checking = true;
             let paths = entry.published.paths.clone();
-            let preferred = entry.published.active;
             let clients: Vec<OpenCodeClient> = paths.iter().map(|p| self.client_for(p)).collect();
             let timeout = self.config.health_timeout;
             let tx = self.health_tx.clone();
             tokio::spawn(async move {
-                // Try the path in use first, then the others, best first.
-                let mut order: Vec<usize> = vec![preferred.min(paths.len() - 1)];
-                order.extend((0..paths.len()).filter(|i| *i != preferred));
+                // Best path first (loopback > LAN > tailnet > relay), so a more
+                // direct path is taken as soon as it works, and the others are
+                // the fallback when it fails.
+                let order: Vec<usize> = (0..paths.len()).collect();
                 let mut last_err = String::from("no path to try");
                 let mut outcome = None;
                 for i in order {

@@ -773,12 +773,22 @@ mod tests {
         assert_eq!(st.wanted().len(), 2);
         st.on_answer(ok(vec![found("p2", "id-2", None, &[])]));
         assert_eq!(st.wanted().keys().collect::<Vec<_>>(), vec!["id-2"]);
-        st.on_answer(Answer {
-            node: key.clone(),
+        let refused = || Answer {
+            node: "na".into(),
             generation: 0,
             result: Err(QueryError::Refused),
-        });
+        };
+        st.on_answer(refused());
+        assert_eq!(
+            st.wanted().len(),
+            1,
+            "one refusal may be a responder hand-over"
+        );
+        st.on_answer(refused());
         assert!(st.wanted().is_empty());
+        st.on_answer(ok(vec![found("p2", "id-2", None, &[])]));
+        st.on_answer(ok(vec![]));
+        assert!(st.wanted().is_empty(), "an empty answer empties at once");
     }
 
     #[tokio::test]
