@@ -351,10 +351,10 @@ impl LocalApi {
             .map_err(|e| Error::Tailscale(format!("`tailscale status --json` failed: {e}")))?;
         // `tailscale status --json` prints the status even when stopped, but
         // exits non-zero when it cannot reach tailscaled at all.
-        if out.stdout.iter().any(|b| !b.is_ascii_whitespace()) {
-            if let Ok(st) = Status::from_json(&out.stdout) {
-                return Ok(st);
-            }
+        if out.stdout.iter().any(|b| !b.is_ascii_whitespace())
+            && let Ok(st) = Status::from_json(&out.stdout)
+        {
+            return Ok(st);
         }
         let err = String::from_utf8_lossy(&out.stderr);
         let err = err.trim();

@@ -90,14 +90,25 @@ pub fn match_instance(view: &View, query: &str) -> Result<Arc<Instance>, String>
         .collect();
     match subs.len() {
         1 => Ok(subs[0].clone()),
-        0 => Err(format!(
-            "No instance matching \"{query}\". Available: {}",
-            view.instances
+        0 => {
+            // Seed format, capped: a fleet of hundreds would drown the message.
+            let shown: Vec<&str> = view
+                .instances
                 .iter()
+                .take(20)
                 .map(|i| i.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
+                .collect();
+            let more = view.instances.len() - shown.len();
+            Err(format!(
+                "No instance matching \"{query}\". Available: {}{}",
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more (call instances)")
+                } else {
+                    String::new()
+                }
+            ))
+        }
         _ => Err(format!(
             "Ambiguous instance \"{query}\" — matches: {}. Be more specific.",
             subs.iter()
