@@ -362,3 +362,131 @@ fn status_two(net: &Tailnet) -> StatusDoc {
         vec![NodeDoc::of(net, A, "node-a")],
     )
 }
+
+/// A TCP forwarder living in namespace `ns`: `127.0.0.1:<port>` there →
+/// `to` (what an SSH reverse tunnel ending on that machine does). Its threads
+/// run inside the namespace; they end with the namespace's sockets.
+fn tunnel_in(ns: &str, to: std::net::SocketAddr) -> u16 {
+    use std::io::copy;
+    use std::net::{TcpListener, TcpStream};
+    let path = format!("/var/run/netns/{ns}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        common::tailnet::enter_ns(&path);
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind tunnel end");
+        let _ = tx.send(l.local_addr().expect("addr").port());
+        for conn in l.incoming() {
+            let Ok(inbound) = conn else { continue };
+            // Threads spawned here inherit the namespace.
+            std::thread::spawn(move || {
+                let Ok(out) = TcpStream::connect(to) else {
+                    return;
+                };
+                let (Ok(mut i2), Ok(mut o2)) = (inbound.try_clone(), out.try_clone()) else {
+                    return;
+                };
+                let (mut i1, mut o1) = (inbound, out);
+                let t = std::thread::spawn(move || {
+                    let _ = copy(&mut i2, &mut o2);
+                    let _ = o2.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = copy(&mut o1, &mut i1);
+                let _ = i1.shutdown(std::net::Shutdown::Write);
+                let _ = t.join();
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("tunnel listening")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_over_tailnet_and_relay_is_one_entry_that_prefers_the_tailnet_and_falls_back()
+{
+    if !require_root() {
+        return;
+    }
+    let net = blocking(|| Tailnet::create(2));
+    let dir = tempfile::tempdir().unwrap();
+    let relay = common::mcp_client::RelayDir::new();
+    let api = FakeLocalApi::start(&status_two(&net));
+    let (_agent, oc_port, _) = blocking(|| {
+        start_agent(
+            Some((&net, A)),
+            "tailnet_helper",
+            &spec(&net, dir.path(), "inst-both", "both"),
+        )
+    });
+    // The same OpenCode through a "tunnel" ending on B, registered in B's relay dir.
+    let tunnel = tunnel_in(&net.node(B).ns, (net.node(A).v4, oc_port).into());
+    relay.write_registration(
+        "both",
+        json!({"name": "both", "port": tunnel, "id": "inst-both", "hostname": "node-a", "cwd": "/work/both"}),
+    );
+    // And an instance only the relay knows, served on B itself.
+    let only = net.run_in(B, || {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind")
+    });
+    let only_port = only.local_addr().unwrap().port();
+    common::netns::serve_fake_opencode(only, "1.0.0-relay", false);
+    relay.write_registration(
+        "relay-only",
+        json!({"name": "relay-only", "port": only_port, "id": "inst-relay", "cwd": "/work/r"}),
+    );
+
+    let bin = common::netns::opencode_mcp_bin();
+    let ns = net.node(B).ns.clone();
+    let sock = api.socket_str();
+    let server = McpServerProc::spawn_program(
+        "ip",
+        &["netns", "exec", &ns, &bin.display().to_string()],
+        &[
+            ("TRANSPORT", "local-relay,tailscale"),
+            ("TAILSCALE_SOCKET", &sock),
+            ("TAILSCALE_QUERY_TIMEOUT_MS", "300"),
+            ("DISCOVERY_INTERVAL_MS", "500"),
+            ("HEALTH_CHECK_TIMEOUT_MS", "1000"),
+            ("RELAY_REGISTRY_DIR", relay.path_str()),
+        ],
+    )
+    .await;
+    let both = wait_until_msg(
+        Duration::from_secs(20),
+        "both online over the tailnet",
+        || async {
+            let out = instances(&server).await;
+            find(&out, "both")
+                .filter(|i| i["status"] == "online" && i["reach"] == "tailnet")
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(both["key"], "inst-both");
+    let r = wait_online(&server, "relay-only").await;
+    assert_eq!(r["reach"], "relay");
+    let out = instances(&server).await;
+    let names: Vec<&str> = out["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names.iter().filter(|n| **n == "both").count(), 1, "{out}");
+    assert_eq!(names.len(), 2, "{out}");
+
+    // The tailnet path goes (node marked offline): the relay path takes over.
+    let mut st = status_two(&net);
+    st.peers[0].online = false;
+    api.set(&st);
+    wait_until_msg(
+        Duration::from_secs(20),
+        "both falls back to the relay",
+        || async {
+            let out = instances(&server).await;
+            find(&out, "both")
+                .filter(|i| i["status"] == "online" && i["reach"] == "relay")
+                .cloned()
+        },
+    )
+    .await;
+}

@@ -210,9 +210,13 @@ pub fn tailnet_unicast_dst(p: &[u8]) -> Result<IpAddr, bool> {
 }
 
 struct Forwarder {
+    /// Set to end the thread.
     stop: Arc<AtomicBool>,
+    /// Write end of the pipe that wakes the thread's poll().
     wake: OwnedFd,
+    /// The forwarding thread.
     thread: Option<JoinHandle<()>>,
+    /// Counters.
     stats: Arc<FwdStats>,
 }
 
@@ -321,7 +325,9 @@ pub struct Node {
 
 /// N namespaces joined by a simulated tailnet. Deleted on drop.
 pub struct Tailnet {
+    /// The nodes, by index.
     nodes: Vec<Node>,
+    /// The forwarder joining their TUNs.
     fwd: Option<Forwarder>,
 }
 
@@ -538,10 +544,15 @@ impl StatusDoc {
 
 /// tailscaled's LocalAPI on a unix socket, answering with a test-controlled status.
 pub struct FakeLocalApi {
+    /// The socket.
     path: PathBuf,
+    /// The status served now.
     status: Arc<Mutex<Value>>,
+    /// Requests served.
     requests: Arc<AtomicU64>,
+    /// The server task (aborted on drop).
     task: tokio::task::JoinHandle<()>,
+    /// Holds the socket's directory.
     _dir: tempfile::TempDir,
 }
 
