@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use crate::advertise::{Advert, Advertisers, Scope, tailnet};
-use crate::cli::{AttachPlan, Mode, Plan, RunPlan};
+use crate::cli::{AttachPlan, Bind, Mode, Plan, RunPlan};
 use crate::error::{AgentError, Result};
 use crate::health::{self, HealthCheck};
 use crate::identity;
@@ -32,7 +32,16 @@ pub async fn main(plan: Plan) -> Result<i32> {
     }
 }
 
-fn advert(plan: &Plan, port: u16, pid: Option<u32>, auth: bool, scope: Scope) -> Advert {
+/// What is advertised; `tailnet` is the machine's (the part where OpenCode
+/// listens is kept).
+fn advert(
+    plan: &Plan,
+    port: u16,
+    pid: Option<u32>,
+    auth: bool,
+    scope: Scope,
+    tailnet: &tailnet::Tailnet,
+) -> Advert {
     Advert {
         id: plan.id.clone(),
         name: plan.name.clone(),
@@ -44,12 +53,19 @@ fn advert(plan: &Plan, port: u16, pid: Option<u32>, auth: bool, scope: Scope) ->
         version: None,
         scope,
         // Tailnet addresses reach OpenCode only when it listens on them.
-        tailnet: if scope == Scope::Lan {
-            tailnet::detect()
-        } else {
-            tailnet::Tailnet::default()
-        },
+        tailnet: scope.tailnet_part(tailnet),
         connected_at: identity::iso8601_utc(SystemTime::now()),
+        secret: plan.secret.clone(),
+    }
+}
+
+/// The machine's tailnet facts, looked up only when OpenCode may listen on
+/// the tailnet in `scope` (a wildcard or a tailnet address).
+async fn tailnet_for(scope: Option<Scope>) -> tailnet::Tailnet {
+    match scope {
+        Some(Scope::Loopback) => tailnet::Tailnet::default(),
+        Some(Scope::Addr(ip)) if !tailnet::is_tailnet(&ip) => tailnet::Tailnet::default(),
+        _ => tailnet::detect().await,
     }
 }
 
@@ -79,9 +95,32 @@ async fn run(plan: &Plan, r: &RunPlan) -> Result<i32> {
         Some(p) => p,
         None => launch::pick_port(launch::PORT_RANGE, launch::PORT_TRIES, launch::port_is_free)?,
     };
-    let health = HealthCheck::new(launch::listen_host(r.bind), port, plan.credentials.clone())?;
-    let mut oc = OpenCode::spawn(r, port)?;
-    tracing::info!(pid = oc.pid(), port, serve = r.serve, "OpenCode started");
+    let ts = match r.bind {
+        Bind::Loopback => tailnet::Tailnet::default(),
+        // A wildcard listener is on the tailnet too (None: look it up).
+        Bind::Lan | Bind::Tailnet => tailnet_for(None).await,
+    };
+    let host = launch::listen_host(r.bind, ts.ipv4())?;
+    let scope = match r.bind {
+        Bind::Loopback => Scope::Loopback,
+        Bind::Lan => Scope::Lan,
+        Bind::Tailnet => Scope::of_host(&host),
+    };
+    let health = HealthCheck::new(&host, port, plan.credentials.clone())?;
+    // With a fleet secret, OpenCode gets the password derived for this id.
+    let derived = plan
+        .secret
+        .as_ref()
+        .and(plan.credentials.as_ref())
+        .map(|c| c.password.as_str());
+    if derived.is_some() {
+        tracing::info!(
+            id = %plan.id,
+            "fleet secret in use: OpenCode requires the password derived for this instance, and announcements are signed"
+        );
+    }
+    let mut oc = OpenCode::spawn(r, port, &host, derived)?;
+    tracing::info!(pid = oc.pid(), port, host = %host, serve = r.serve, "OpenCode started");
 
     let mut ads: Option<Advertisers> = None;
     let mut healthy = false;
@@ -125,7 +164,8 @@ async fn run(plan: &Plan, r: &RunPlan) -> Result<i32> {
                         port,
                         Some(oc.pid()),
                         plan.credentials.is_some(),
-                        Scope::of_bind(r.bind),
+                        scope,
+                        &ts,
                     );
                     a.version = h.version;
                     ads = Some(start_advertising(plan, &a).0);
@@ -199,7 +239,14 @@ async fn attach(plan: &Plan, a: &AttachPlan) -> Result<i32> {
             "this OpenCode answers without a password and is now advertised beyond this machine; start it with OPENCODE_SERVER_PASSWORD set"
         );
     }
-    let mut ad = advert(plan, a.port, None, auth, scope);
+    if plan.secret.is_some() {
+        tracing::warn!(
+            url = %health.url(),
+            "a fleet secret is in use, but `attach` cannot give the running OpenCode the password derived from it: the announcements are signed, yet opencode-mcp (which sends the derived password) will be refused with 401 unless the server has no password. Run it through `opencode-agent run --serve` instead, or pass --no-secret"
+        );
+    }
+    let ts = tailnet_for(Some(scope)).await;
+    let mut ad = advert(plan, a.port, None, auth, scope, &ts);
     ad.version = first.version;
     let (ads, errors) = start_advertising(plan, &ad);
     if ads.is_empty() {

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use opencode_mcp::announce::MAX_NAME_BYTES;
 use opencode_mcp::config::Credentials;
+use opencode_mcp::dnssd::DEFAULT_PORT as DEFAULT_DNSSD_PORT;
+use opencode_mcp::secret::FleetSecret;
 
 use crate::error::{AgentError, Result};
 use crate::identity;
@@ -29,7 +31,12 @@ ENVIRONMENT:
   RELAY_REGISTRY_DIR         registration directory: on the relay for --relay-ssh, local for a
                              bare --relay-dir (default: /tmp/opencode-relay)
   OPENCODE_SERVER_PASSWORD   passed to OpenCode (which then requires HTTP Basic auth) and used
-                             for the health check; required by --bind lan
+                             for the health check; required by --bind lan/tailnet without a
+                             fleet secret, refused by `run` with one (the password is derived)
+  OPENCODE_MCP_SECRET        the fleet secret (else OPENCODE_MCP_SECRET_FILE, else the file
+                             of `opencode-agent secret path`): derives OpenCode's password
+                             and signs what is announced
+  TAILSCALE_DNSSD_PORT       as --dnssd-port
   OPENCODE_SERVER_USERNAME   Basic auth user name (default: opencode)
   OPENCODE_AGENT_LOG         log destination: a file path, or `stderr` (default: stderr, except
                              with the TUI: $XDG_STATE_HOME/opencode-agent/agent.log)
@@ -39,6 +46,7 @@ EXAMPLES:
   opencode-agent                              TUI in this directory, advertised on this machine
   opencode-agent run -- --model openai/gpt-5  extra arguments go to OpenCode after --
   opencode-agent run --serve --bind lan       headless server, advertised on the LAN
+  opencode-agent run --serve --bind tailnet   headless server, reachable from your tailnet only
   opencode-agent --relay-ssh 'ssh relay.example.org' --no-mdns
   opencode-agent attach --port 4096           advertise an `opencode serve` that already runs";
 
@@ -77,6 +85,70 @@ pub enum Command {
     /// Advertise an OpenCode server that is already running
     #[command(after_help = AFTER_HELP)]
     Attach(AttachArgs),
+    /// Create, import or locate the fleet secret shared by all your machines
+    #[command(subcommand, long_about = SECRET_ABOUT, after_help = SECRET_AFTER_HELP)]
+    Secret(SecretCommand),
+}
+
+const SECRET_ABOUT: &str = "\
+The fleet secret is one random key that every machine running opencode-agent or opencode-mcp \
+shares. Each OpenCode instance's password is derived from it, and announcements are signed with \
+it, so opencode-mcp only sends credentials to your own instances.
+
+It is read from OPENCODE_MCP_SECRET when that is set, else from the secret file \
+($XDG_CONFIG_HOME/opencode-mcp/secret, else ~/.config/opencode-mcp/secret), which must have \
+mode 0600.";
+
+const SECRET_AFTER_HELP: &str = "\
+EXAMPLES:
+  opencode-agent secret init                          on the first machine
+  ssh other opencode-agent secret import < \"$(opencode-agent secret path)\"
+                                                      copy it to another machine
+  opencode-agent secret import                        paste it when asked
+  opencode-agent secret path                          where the file is";
+
+/// `opencode-agent secret ...`.
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Create a new fleet secret file (mode 0600) and print how to copy it to your other machines
+    #[command(
+        long_about = "Create a new fleet secret file (mode 0600, parent directories 0700) from \
+            32 random bytes, then print the secret once with the commands that copy it to your \
+            other machines. An existing file is kept unless --force is given.",
+        after_help = SECRET_AFTER_HELP
+    )]
+    Init(SecretFileArgs),
+    /// Store a fleet secret read from standard input (as printed by `secret init`)
+    #[command(
+        long_about = "Read a fleet secret from standard input (the 64 hex digits printed by \
+            `secret init` on another machine, or the file it wrote) and store it in the secret \
+            file with mode 0600. On a terminal, paste it and press Enter. An existing file with \
+            another secret is kept unless --force is given.",
+        after_help = SECRET_AFTER_HELP
+    )]
+    Import(SecretFileArgs),
+    /// Print the path of the fleet secret file
+    #[command(after_help = SECRET_AFTER_HELP)]
+    Path(SecretPathArgs),
+}
+
+/// Options of `secret init` and `secret import`.
+#[derive(Debug, Clone, Args)]
+pub struct SecretFileArgs {
+    /// Replace an existing secret file (every machine must then get the new secret)
+    #[arg(long)]
+    pub force: bool,
+    /// The secret file [default: $XDG_CONFIG_HOME/opencode-mcp/secret, else ~/.config/opencode-mcp/secret]
+    #[arg(long, value_name = "FILE")]
+    pub path: Option<PathBuf>,
+}
+
+/// Options of `secret path`.
+#[derive(Debug, Clone, Args)]
+pub struct SecretPathArgs {
+    /// The secret file to report on instead of the default
+    #[arg(long, value_name = "FILE")]
+    pub path: Option<PathBuf>,
 }
 
 /// Where OpenCode listens and where it is advertised.
@@ -84,8 +156,10 @@ pub enum Command {
 pub enum Bind {
     /// 127.0.0.1 only; advertised on the loopback interface (this machine only)
     Loopback,
-    /// all interfaces; advertised on LAN interfaces (needs OPENCODE_SERVER_PASSWORD)
+    /// all interfaces; advertised on LAN interfaces and the tailnet (needs OPENCODE_SERVER_PASSWORD or a fleet secret)
     Lan,
+    /// the tailnet IPv4 address only; advertised on the tailnet (needs OPENCODE_SERVER_PASSWORD or a fleet secret)
+    Tailnet,
 }
 
 /// Options shared by `run` and `attach`.
@@ -103,6 +177,13 @@ pub struct CommonArgs {
     /// Do not advertise by mDNS
     #[arg(long)]
     pub no_mdns: bool,
+    /// UDP port of the tailnet DNS-SD responder (the same on every machine)
+    #[arg(long, env = "TAILSCALE_DNSSD_PORT", value_name = "PORT", default_value_t = DEFAULT_DNSSD_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub dnssd_port: u16,
+    /// Ignore the fleet secret: no derived password, nothing signed
+    #[arg(long)]
+    pub no_secret: bool,
 }
 
 /// Options of `run`.
@@ -156,12 +237,17 @@ pub struct Env {
     pub cwd: PathBuf,
     /// The machine's hostname.
     pub hostname: String,
+    /// The fleet secret, when one is configured and usable.
+    pub secret: Option<FleetSecret>,
+    /// Why the configured fleet secret cannot be used (it is then `None`).
+    pub secret_error: Option<String>,
 }
 
 impl Env {
     /// Reads the real environment.
     pub fn from_process() -> Self {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let secret = crate::fleet::load();
         Env {
             opencode_bin: var("OPENCODE_BIN"),
             relay_registry_dir: var("RELAY_REGISTRY_DIR"),
@@ -169,6 +255,8 @@ impl Env {
             username: var("OPENCODE_SERVER_USERNAME"),
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
             hostname: identity::hostname(),
+            secret: secret.clone().ok().flatten(),
+            secret_error: secret.err(),
         }
     }
 }
@@ -186,8 +274,13 @@ pub struct Plan {
     pub hostname: String,
     /// Working directory (OpenCode's, in run mode).
     pub cwd: PathBuf,
-    /// Basic auth for the health check, when a password is set.
+    /// Basic auth for the health check, when a password is set (in `run`
+    /// with a fleet secret: the derived one, which OpenCode is given).
     pub credentials: Option<Credentials>,
+    /// The fleet secret, unless none is configured or --no-secret.
+    pub secret: Option<FleetSecret>,
+    /// UDP port of the tailnet DNS-SD responder.
+    pub dnssd_port: u16,
     /// Advertise by mDNS.
     pub mdns: bool,
     /// Local registration directory, when asked.
@@ -257,6 +350,11 @@ pub fn resolve(cli: Cli, env: &Env) -> Result<Plan> {
         }
         Some(Command::Run(r)) => run_mode(r, env)?,
         None => run_mode(cli.run, env)?,
+        Some(Command::Secret(_)) => {
+            return Err(AgentError::Internal(
+                "`secret` is handled before a plan is made".into(),
+            ));
+        }
     };
     let name = match common.name.as_deref().map(str::trim) {
         Some(n) if !n.is_empty() => n.to_string(),
@@ -297,34 +395,68 @@ pub fn resolve(cli: Cli, env: &Env) -> Result<Plan> {
             })
         }
     };
-    let mdns = !common.no_mdns;
-    if !mdns && relay_dir.is_none() && relay_ssh.is_none() {
+    let bind = match &mode {
+        Mode::Run(r) => Some(r.bind),
+        Mode::Attach(_) => None,
+    };
+    // No multicast crosses a tailnet: mDNS would reach nobody.
+    let mdns = !common.no_mdns && bind != Some(Bind::Tailnet);
+    if !mdns && bind != Some(Bind::Tailnet) && relay_dir.is_none() && relay_ssh.is_none() {
         return Err(AgentError::Usage(
             "nothing to advertise: --no-mdns is given and neither --relay-dir nor --relay-ssh; drop --no-mdns or add a relay".into(),
         ));
     }
-    let credentials = env.password.clone().map(|password| Credentials {
-        username: env
-            .username
+    let secret = if common.no_secret {
+        None
+    } else if let Some(e) = &env.secret_error {
+        return Err(AgentError::Usage(format!(
+            "{e}; or pass --no-secret to run without the fleet secret"
+        )));
+    } else {
+        env.secret.clone()
+    };
+    let id = identity::new_instance_id();
+    let username = env
+        .username
+        .clone()
+        .unwrap_or_else(|| "opencode".to_string());
+    let credentials = match (&mode, &secret) {
+        (Mode::Run(_), Some(secret)) => {
+            if env.password.is_some() {
+                return Err(AgentError::Usage(
+                    "OPENCODE_SERVER_PASSWORD is set, but a fleet secret is in use: the agent then gives OpenCode a password derived from the secret, which opencode-mcp computes by itself. Unset OPENCODE_SERVER_PASSWORD, or pass --no-secret to keep your own password (announcements are then unsigned)".into(),
+                ));
+            }
+            Some(Credentials {
+                username,
+                password: secret.instance_password(&id),
+            })
+        }
+        _ => env
+            .password
             .clone()
-            .unwrap_or_else(|| "opencode".to_string()),
-        password,
-    });
-    if let Mode::Run(r) = &mode
-        && r.bind == Bind::Lan
+            .map(|password| Credentials { username, password }),
+    };
+    if let Some(b @ (Bind::Lan | Bind::Tailnet)) = bind
         && credentials.is_none()
     {
-        return Err(AgentError::Usage(
-            "--bind lan makes OpenCode reachable from the whole network, so it needs a password: set OPENCODE_SERVER_PASSWORD (and optionally OPENCODE_SERVER_USERNAME), or use --bind loopback".into(),
-        ));
+        let (flag, reach) = match b {
+            Bind::Tailnet => ("--bind tailnet", "every machine of your tailnet"),
+            _ => ("--bind lan", "the whole network"),
+        };
+        return Err(AgentError::Usage(format!(
+            "{flag} makes OpenCode reachable from {reach}, so it needs a password: set up the fleet secret (`opencode-agent secret init`, or OPENCODE_MCP_SECRET), or set OPENCODE_SERVER_PASSWORD (and optionally OPENCODE_SERVER_USERNAME), or use --bind loopback"
+        )));
     }
     Ok(Plan {
         mode,
         name,
-        id: identity::new_instance_id(),
+        id,
         hostname: env.hostname.clone(),
         cwd: env.cwd.clone(),
         credentials,
+        secret,
+        dnssd_port: common.dnssd_port,
         mdns,
         relay_dir,
         relay_ssh,
@@ -497,6 +629,96 @@ mod tests {
         let err = plan(&["--bind", "lan"], &env()).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("OPENCODE_SERVER_PASSWORD"));
+    }
+
+    fn secret() -> FleetSecret {
+        FleetSecret::from_text(&"ab".repeat(32)).unwrap()
+    }
+
+    #[test]
+    fn tailnet_bind_needs_a_password_or_a_secret_and_skips_mdns() {
+        let err = plan(&["--bind", "tailnet"], &env()).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--bind tailnet") && msg.contains("tailnet"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("secret init") && msg.contains("OPENCODE_SERVER_PASSWORD"),
+            "{msg}"
+        );
+
+        let mut e = env();
+        e.password = Some("pw".into());
+        let p = plan(&["run", "--serve", "--bind", "tailnet"], &e).unwrap();
+        assert!(!p.mdns, "no multicast on a tailnet");
+        assert_eq!(p.dnssd_port, 5353);
+        let Mode::Run(r) = &p.mode else { panic!() };
+        assert_eq!(r.bind, Bind::Tailnet);
+        // The tailnet record is an advertiser of its own: no relay needed.
+        assert!(
+            plan(
+                &["--bind", "tailnet", "--no-mdns", "--dnssd-port", "5354"],
+                &e
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            plan(&["--bind", "tailnet", "--dnssd-port", "5354"], &e)
+                .unwrap()
+                .dnssd_port,
+            5354
+        );
+        assert!(plan(&["--bind", "tailnet", "--dnssd-port", "0"], &e).is_err());
+
+        let mut e = env();
+        e.secret = Some(secret());
+        assert!(plan(&["--bind", "tailnet"], &e).is_ok());
+    }
+
+    #[test]
+    fn a_secret_derives_the_run_password_and_replaces_the_lan_password() {
+        let mut e = env();
+        e.secret = Some(secret());
+        let p = plan(&["run", "--serve", "--bind", "lan"], &e).unwrap();
+        let c = p.credentials.clone().expect("derived credentials");
+        assert_eq!(c.username, "opencode");
+        assert_eq!(c.password, secret().instance_password(&p.id));
+        assert!(p.secret.is_some());
+        // Two agents, two ids, two passwords.
+        let q = plan(&["run", "--serve"], &e).unwrap();
+        assert_ne!(q.credentials.unwrap().password, c.password);
+
+        // An explicit password conflicts in run mode...
+        e.password = Some("pw".into());
+        let err = plan(&["run", "--serve"], &e).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("OPENCODE_SERVER_PASSWORD") && msg.contains("--no-secret"),
+            "{msg}"
+        );
+        assert!(!msg.contains(&secret().to_export_string()));
+        // ...but not with --no-secret (then unsigned, own password)...
+        let p = plan(&["run", "--serve", "--no-secret"], &e).unwrap();
+        assert!(p.secret.is_none());
+        assert_eq!(p.credentials.unwrap().password, "pw");
+        // ...and attach keeps the server's own password, still signing.
+        let p = plan(&["attach", "--port", "4096"], &e).unwrap();
+        assert!(p.secret.is_some());
+        assert_eq!(p.credentials.unwrap().password, "pw");
+    }
+
+    #[test]
+    fn an_unusable_secret_stops_the_agent_unless_no_secret() {
+        let mut e = env();
+        e.secret_error = Some("fleet secret: /x/secret is accessible by other users".into());
+        let err = plan(&["run", "--serve"], &e).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--no-secret"), "{err}");
+        let p = plan(&["run", "--serve", "--no-secret"], &e).unwrap();
+        assert!(p.secret.is_none() && p.credentials.is_none());
     }
 
     #[test]

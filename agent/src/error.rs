@@ -102,6 +102,16 @@ pub enum AgentError {
         source: std::io::Error,
     },
 
+    /// The tailnet DNS-SD record could not be published.
+    #[error("tailnet advertisement failed: {0}")]
+    Dnssd(String),
+
+    /// `--bind tailnet` on a machine without a tailnet IPv4 address.
+    #[error(
+        "--bind tailnet: this machine has no tailnet IPv4 address (tailscaled not running or logged out?). Start Tailscale (`tailscale up`, then `tailscale ip -4`), or use --bind lan or --bind loopback"
+    )]
+    NoTailnet,
+
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),

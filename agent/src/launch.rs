@@ -11,7 +11,7 @@
 //! child would inherit that. This module must not advertise anything or
 //! decide when to stop; `app` does.
 
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener};
 use std::process::{ExitStatus, Stdio};
 
 use tokio::process::{Child, Command};
@@ -26,11 +26,15 @@ pub const PORT_RANGE: (u16, u16) = (4096, 5095);
 /// Random picks tried before giving up.
 pub const PORT_TRIES: u32 = 50;
 
-/// The address OpenCode listens on for `bind`.
-pub fn listen_host(bind: Bind) -> &'static str {
+/// The address OpenCode listens on for `bind`; `tailnet_v4` is the
+/// machine's tailnet IPv4 address, which `--bind tailnet` needs.
+pub fn listen_host(bind: Bind, tailnet_v4: Option<IpAddr>) -> Result<String> {
     match bind {
-        Bind::Loopback => "127.0.0.1",
-        Bind::Lan => "0.0.0.0",
+        Bind::Loopback => Ok("127.0.0.1".to_string()),
+        Bind::Lan => Ok("0.0.0.0".to_string()),
+        Bind::Tailnet => tailnet_v4
+            .map(|ip| ip.to_string())
+            .ok_or(AgentError::NoTailnet),
     }
 }
 
@@ -60,7 +64,7 @@ pub fn pick_port(range: (u16, u16), tries: u32, is_free: impl Fn(u16) -> bool) -
 /// OpenCode's arguments: `serve --port P --hostname H ARGS…` headless, or
 /// `--port P --hostname H ARGS…` for the TUI (whose HTTP side-car answers
 /// the same routes).
-pub fn opencode_args(plan: &RunPlan, port: u16) -> Vec<String> {
+pub fn opencode_args(plan: &RunPlan, port: u16, host: &str) -> Vec<String> {
     let mut args = Vec::with_capacity(plan.args.len() + 5);
     if plan.serve {
         args.push("serve".to_string());
@@ -69,7 +73,7 @@ pub fn opencode_args(plan: &RunPlan, port: u16) -> Vec<String> {
         "--port".to_string(),
         port.to_string(),
         "--hostname".to_string(),
-        listen_host(plan.bind).to_string(),
+        host.to_string(),
     ]);
     args.extend(plan.args.iter().cloned());
     args
@@ -143,10 +147,15 @@ pub struct OpenCode {
 impl OpenCode {
     /// Starts OpenCode with the terminal (stdin, stdout, stderr) inherited
     /// and in the agent's process group, so the TUI is in the foreground.
-    /// A headless server also gets SIGTERM if the agent dies.
-    pub fn spawn(plan: &RunPlan, port: u16) -> Result<Self> {
+    /// A headless server also gets SIGTERM if the agent dies. `password`,
+    /// when given, replaces OPENCODE_SERVER_PASSWORD in OpenCode's
+    /// environment (the one derived from the fleet secret).
+    pub fn spawn(plan: &RunPlan, port: u16, host: &str, password: Option<&str>) -> Result<Self> {
         let mut cmd = Command::new(&plan.bin);
-        cmd.args(opencode_args(plan, port))
+        if let Some(pw) = password {
+            cmd.env("OPENCODE_SERVER_PASSWORD", pw);
+        }
+        cmd.args(opencode_args(plan, port, host))
             .stdin(Stdio::inherit())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
@@ -289,11 +298,19 @@ mod tests {
     #[test]
     fn tui_and_serve_command_lines() {
         assert_eq!(
-            opencode_args(&run_plan(false, Bind::Loopback, &["proj"]), 4500),
+            opencode_args(
+                &run_plan(false, Bind::Loopback, &["proj"]),
+                4500,
+                "127.0.0.1"
+            ),
             vec!["--port", "4500", "--hostname", "127.0.0.1", "proj"]
         );
         assert_eq!(
-            opencode_args(&run_plan(true, Bind::Lan, &["--print-logs"]), 4501),
+            opencode_args(
+                &run_plan(true, Bind::Lan, &["--print-logs"]),
+                4501,
+                "0.0.0.0"
+            ),
             vec![
                 "serve",
                 "--port",
@@ -303,6 +320,19 @@ mod tests {
                 "--print-logs"
             ]
         );
+    }
+
+    #[test]
+    fn listen_hosts() {
+        let ts: IpAddr = "100.101.102.103".parse().unwrap();
+        assert_eq!(listen_host(Bind::Loopback, Some(ts)).unwrap(), "127.0.0.1");
+        assert_eq!(listen_host(Bind::Lan, None).unwrap(), "0.0.0.0");
+        assert_eq!(
+            listen_host(Bind::Tailnet, Some(ts)).unwrap(),
+            "100.101.102.103"
+        );
+        let err = listen_host(Bind::Tailnet, None).unwrap_err();
+        assert!(err.to_string().contains("tailscale up"), "{err}");
     }
 
     #[test]

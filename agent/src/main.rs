@@ -9,20 +9,24 @@
 //! - [`launch`]: port pick, OpenCode's command line, the child, signal rules.
 //! - [`health`]: `/global/health` checks through the library's client.
 //! - [`advertise`]: the published facts and the advertisers
-//!   ([`advertise::mdns`], [`advertise::relay`], [`advertise::ssh`],
-//!   [`advertise::tailnet`]).
+//!   ([`advertise::mdns`], [`advertise::dnssd`], [`advertise::relay`],
+//!   [`advertise::ssh`], [`advertise::tailnet`]).
+//! - [`fleet`]: finding the fleet secret (derived password, signatures).
 //! - [`identity`]: instance id, hostname, names, timestamps.
 //! - [`logging`]: stderr or a log file when the TUI owns the terminal.
+//! - [`secret_cmd`]: `opencode-agent secret init|import|path` (the fleet secret file).
 //! - [`error`]: the agent's one error type.
 
 mod advertise;
 mod app;
 mod cli;
 mod error;
+mod fleet;
 mod health;
 mod identity;
 mod launch;
 mod logging;
+mod secret_cmd;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -38,6 +42,9 @@ fn exit(code: i32) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if let Some(cli::Command::Secret(cmd)) = &cli.command {
+        return exit(secret_cmd::main(cmd));
+    }
     let plan = match cli::resolve(cli, &cli::Env::from_process()) {
         Ok(p) => p,
         Err(e) => {

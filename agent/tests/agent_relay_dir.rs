@@ -4,7 +4,9 @@
 //! - the registration appears only once `/global/health` answers, with
 //!   OpenCode's port and the agent's id;
 //! - SIGTERM to the agent removes it and stops OpenCode;
-//! - when OpenCode dies, the agent removes it and exits with OpenCode's code.
+//! - when OpenCode dies, the agent removes it and exits with OpenCode's code;
+//! - with a fleet secret (OPENCODE_MCP_SECRET), the registration is signed
+//!   and OpenCode requires the password derived for the agent's id.
 //!
 //! OpenCode comes from $OPENCODE_BIN or `<repo>/.cache/opencode/...`; when it
 //! is missing the tests are skipped loudly (and fail when CI is set). Every
@@ -18,6 +20,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use opencode_mcp::announce::{Registration, parse_registration};
+use opencode_mcp::secret::FleetSecret;
 
 const START_DEADLINE: Duration = Duration::from_secs(90);
 const STOP_DEADLINE: Duration = Duration::from_secs(20);
@@ -91,6 +94,11 @@ struct Agent {
 
 impl Agent {
     fn start(opencode: &Path, name: &str) -> Agent {
+        Agent::start_with(opencode, name, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    fn start_with(opencode: &Path, name: &str, env: &[(&str, &str)]) -> Agent {
         let tmp = tempfile::tempdir().expect("temp dir");
         let base = tmp.path();
         for d in ["home", "config", "data", "cache", "state", "proj", "reg"] {
@@ -116,6 +124,9 @@ impl Agent {
             .env_remove("INSTANCE_NAME")
             .env_remove("RELAY_SSH_CMD")
             .env_remove("OPENCODE_AGENT_LOG")
+            .env_remove("OPENCODE_MCP_SECRET")
+            .env_remove("OPENCODE_MCP_SECRET_FILE")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -197,14 +208,51 @@ impl Drop for Agent {
 
 /// `GET /global/health` on 127.0.0.1:port; the body when 200.
 fn health(port: u16) -> Option<String> {
+    let (status, body) = health_status(port, None)?;
+    (status == 200).then_some(body)
+}
+
+/// Standard base64 with padding (for a Basic auth header).
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for (i, shift) in [18, 12, 6, 0].iter().enumerate() {
+            if i <= c.len() {
+                out.push(A[(n >> shift) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `GET /global/health` on 127.0.0.1:port, with Basic auth `opencode:PASSWORD`
+/// when given: the status code and the body.
+fn health_status(port: u16, password: Option<&str>) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /global/health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    let auth = password
+        .map(|p| {
+            format!(
+                "Authorization: Basic {}\r\n",
+                base64(format!("opencode:{p}").as_bytes())
+            )
+        })
+        .unwrap_or_default();
+    s.write_all(format!("GET /global/health HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}\r\n").as_bytes())
         .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    (out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"))
-        .then(|| out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    Some((
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string(),
+    ))
 }
 
 fn pid_gone(pid: u32) -> bool {
@@ -217,6 +265,16 @@ fn pid_gone(pid: u32) -> bool {
 }
 
 fn check_registration(file: &str, reg: &Registration, name: &str) -> u16 {
+    check_registration_with(file, reg, name, None)
+}
+
+/// [`check_registration`], with the password OpenCode requires.
+fn check_registration_with(
+    file: &str,
+    reg: &Registration,
+    name: &str,
+    password: Option<&str>,
+) -> u16 {
     let id = reg.id.clone().expect("registration has an id");
     assert_eq!(id.len(), 16, "id {id:?}");
     assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "id {id:?}");
@@ -236,9 +294,91 @@ fn check_registration(file: &str, reg: &Registration, name: &str) -> u16 {
     assert!(reg.cwd.as_deref().is_some_and(|c| c.ends_with("/proj")));
     // The registration is written only after health passed, so OpenCode
     // answers right now.
-    let body = health(reg.port).expect("OpenCode answers /global/health once registered");
+    let (status, body) =
+        health_status(reg.port, password).expect("OpenCode answers /global/health once registered");
+    assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"healthy\":true"), "{body}");
     reg.port
+}
+
+#[test]
+fn with_a_fleet_secret_the_registration_is_signed_and_opencode_needs_the_derived_password() {
+    let Some(bin) = require_opencode(
+        "with_a_fleet_secret_the_registration_is_signed_and_opencode_needs_the_derived_password",
+    ) else {
+        return;
+    };
+    let text = "5e".repeat(32);
+    let secret = FleetSecret::from_text(&text).expect("secret");
+    let mut agent = Agent::start_with(&bin, "e2e-secret", &[("OPENCODE_MCP_SECRET", &text)]);
+    let (file, reg) = agent.wait_registered();
+    let id = reg.id.clone().expect("id");
+    let password = secret.instance_password(&id);
+    let port = check_registration_with(&file, &reg, "e2e-secret", Some(&password));
+
+    // Signed over the file's port and 127.0.0.1, with this secret only.
+    let at = reg.at.expect("signed: at");
+    let sig = reg.sig.clone().expect("signed: sig");
+    assert_eq!(reg.addrs, vec![std::net::IpAddr::from([127, 0, 0, 1])]);
+    assert!(
+        secret.verify(&id, port, &reg.addrs, at, &sig).is_ok(),
+        "the signature verifies"
+    );
+    let other = FleetSecret::from_text(&"77".repeat(32)).expect("secret");
+    assert!(other.verify(&id, port, &reg.addrs, at, &sig).is_err());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(
+        at <= now && now - at < 120,
+        "signed just now: {at} vs {now}"
+    );
+
+    // OpenCode requires the derived password: without it 401, with another 401.
+    assert_eq!(health_status(port, None).map(|s| s.0), Some(401));
+    assert_eq!(
+        health_status(port, Some(&other.instance_password(&id))).map(|s| s.0),
+        Some(401)
+    );
+    assert_eq!(health_status(port, Some(&password)).map(|s| s.0), Some(200));
+
+    kill(agent.child.id(), libc::SIGTERM);
+    agent.wait_exit();
+    let log = agent.log();
+    assert!(agent.registrations().is_empty(), "withdrawn:\n{log}");
+    assert!(log.contains("fleet secret in use"), "{log}");
+    for hidden in [text.as_str(), password.as_str(), sig.as_str()] {
+        assert!(
+            !log.contains(hidden),
+            "the log leaks a secret value:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn an_explicit_password_conflicts_with_the_fleet_secret_in_run_mode() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_opencode-agent"))
+        .args(["run", "--serve", "--no-mdns", "--relay-dir"])
+        .arg(tmp.path().join("reg"))
+        .env("OPENCODE_BIN", "/nonexistent/opencode")
+        .env("OPENCODE_MCP_SECRET", "5e".repeat(32))
+        .env("OPENCODE_SERVER_PASSWORD", "mine")
+        .env_remove("RELAY_SSH_CMD")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run opencode-agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("OPENCODE_SERVER_PASSWORD") && err.contains("--no-secret"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&"5e".repeat(32)) && !err.contains("mine"),
+        "{err}"
+    );
 }
 
 #[test]

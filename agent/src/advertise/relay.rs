@@ -109,6 +109,35 @@ mod tests {
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     }
 
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn every_heartbeat_rewrite_is_signed_anew() {
+        let secret = opencode_mcp::secret::FleetSecret::from_text(&"ab".repeat(32)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("reg");
+        let mut advert = sample_advert();
+        advert.secret = Some(secret.clone());
+        let relay = RelayDir::start(&dir, &advert).unwrap();
+        let path = dir.join("box-proj-0123456789abcdef.json");
+        let read = || parse_registration(&std::fs::read(&path).unwrap(), "x").unwrap();
+        let verify = |reg: &opencode_mcp::announce::Registration| {
+            let at = reg.at.expect("signed");
+            let sig = reg.sig.as_deref().expect("signed");
+            assert_eq!(reg.addrs, vec![std::net::IpAddr::from([127, 0, 0, 1])]);
+            secret
+                .verify("0123456789abcdef", 4500, &reg.addrs, at, sig)
+                .map(|()| at)
+        };
+        let first = verify(&read()).expect("the first write verifies");
+
+        // The wall clock moves on (the signing time is wall-clock seconds);
+        // the next heartbeat signs again, later.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        tokio::time::sleep(HEARTBEAT + std::time::Duration::from_secs(1)).await;
+        let second = verify(&read()).expect("the rewrite verifies");
+        assert!(second > first, "re-signed: at {first} then {second}");
+        relay.stop().await;
+    }
+
     #[test]
     fn unwritable_directory_is_a_clear_error() {
         let tmp = tempfile::tempdir().unwrap();
