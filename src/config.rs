@@ -11,7 +11,30 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
+use crate::registry::policy::Cidr;
+use crate::secret::{FleetSecret, SECRET_ENV};
 use crate::transport::TransportKind;
+
+/// Environment variable naming the fleet secret file.
+pub const SECRET_FILE_ENV: &str = "OPENCODE_MCP_SECRET_FILE";
+
+/// The fleet secret's text as given on the command line or in the
+/// environment. `Debug` never shows it.
+#[derive(Clone)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretText(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for SecretText {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(SecretText(s.to_string()))
+    }
+}
 
 /// Longest help text shown above the options.
 const ABOUT: &str = "One MCP server for every OpenCode instance you run.
@@ -146,6 +169,63 @@ pub struct Settings {
     /// Largest registration file accepted, in bytes.
     #[arg(long, env = "MAX_REGISTRATION_BYTES", default_value_t = 64 * 1024, value_name = "BYTES")]
     pub max_registration_bytes: u64,
+
+    /// The fleet secret shared by all your machines (`opencode-agent secret
+    /// init` makes one). With it, only instances whose announcement is signed
+    /// with it are contacted, each with its own derived password; anything
+    /// else is listed as `untrusted`. Prefer the environment variable or the
+    /// secret file: flags are visible in `ps`.
+    #[arg(
+        long,
+        env = SECRET_ENV,
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub secret: Option<SecretText>,
+
+    /// File holding the fleet secret (mode 0600), read when OPENCODE_MCP_SECRET
+    /// is unset. Default: $XDG_CONFIG_HOME/opencode-mcp/secret, else
+    /// ~/.config/opencode-mcp/secret. No file there means no secret.
+    #[arg(long, env = SECRET_FILE_ENV, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// Extra networks the server may connect to, comma-separated CIDRs or
+    /// addresses (e.g. `192.0.2.0/24,2001:db8::7`). Always allowed: loopback,
+    /// the tailnet ranges (100.64.0.0/10, fd7a:115c:a1e0::/48) and subnets
+    /// directly attached to this machine. Other announced addresses are
+    /// ignored with a warning.
+    #[arg(
+        long,
+        env = "ALLOW_ADDRESSES",
+        default_value = "",
+        value_name = "CIDRS"
+    )]
+    pub allow_addresses: String,
+
+    /// Most instances one transport may report; the rest are ignored and
+    /// listed as a discovery problem (a flood of forged announcements cannot
+    /// exhaust memory or health-check capacity).
+    #[arg(
+        long,
+        env = "MAX_INSTANCES_PER_TRANSPORT",
+        default_value_t = 1024,
+        value_name = "N"
+    )]
+    pub max_instances_per_transport: usize,
+
+    /// Oldest signed announcement accepted, in seconds since it was signed;
+    /// 0 (the default) means no age limit. Replays are stopped by the address
+    /// binding, not by age: a signature covers the addresses it was made for,
+    /// and credentials go only to one of them, so a recorded announcement
+    /// replayed elsewhere is refused whatever its age. A limit only helps if
+    /// agents re-sign more often than it, and needs clocks in step.
+    #[arg(
+        long,
+        env = "ANNOUNCE_MAX_AGE_S",
+        default_value_t = 0,
+        value_name = "SECONDS"
+    )]
+    pub announce_max_age_s: u64,
 }
 
 /// Credentials for OpenCode's HTTP Basic auth. `Debug` never shows the password.
@@ -181,14 +261,26 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Grace period before an unreachable instance or unreadable file is dropped.
     pub prune_after: Duration,
-    /// Credentials sent to every instance, when a password is configured.
+    /// Credentials sent to every instance, when a password is configured
+    /// and there is no fleet secret (with one, passwords are derived).
     pub credentials: Option<Credentials>,
+    /// HTTP Basic user name (OPENCODE_SERVER_USERNAME).
+    pub username: String,
     /// Response body cap.
     pub max_response_bytes: usize,
     /// Event-stream line cap.
     pub max_event_bytes: usize,
     /// Registration file cap.
     pub max_registration_bytes: u64,
+    /// The fleet secret, when one is configured. With it only signed
+    /// announcements are trusted and passwords are derived per instance.
+    pub secret: Option<FleetSecret>,
+    /// Networks allowed on top of loopback, the tailnet and attached subnets.
+    pub allow_addresses: Vec<Cidr>,
+    /// Most instances one transport may report.
+    pub max_instances_per_transport: usize,
+    /// Oldest signed announcement accepted; `None`: no limit.
+    pub announce_max_age: Option<Duration>,
 }
 
 impl Config {
@@ -214,6 +306,35 @@ impl Config {
                 username: s.opencode_username.clone(),
                 password: p.clone(),
             });
+        let secret_file = match &s.secret_file {
+            Some(p) => Some(p.clone()),
+            // No HOME and no XDG_CONFIG_HOME: no default file, so no secret
+            // unless the environment gives one.
+            None => FleetSecret::default_path().ok(),
+        };
+        let env_secret = s.secret.as_ref().map(|t| t.0.as_str());
+        let secret = match &secret_file {
+            Some(file) => FleetSecret::load(env_secret, file)?,
+            None => FleetSecret::load(env_secret, std::path::Path::new(""))?,
+        };
+        let allow_addresses = s
+            .allow_addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                Cidr::parse(c).ok_or_else(|| {
+                    Error::Config(format!(
+                        "ALLOW_ADDRESSES: {c:?} is not an address or CIDR (like 192.0.2.0/24 or 2001:db8::/32)"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if s.max_instances_per_transport == 0 {
+            return Err(Error::Config(
+                "MAX_INSTANCES_PER_TRANSPORT must be at least 1".into(),
+            ));
+        }
         Ok(Self {
             transports,
             relay_dir: s.relay_registry_dir.clone(),
@@ -232,9 +353,15 @@ impl Config {
             send_timeout: ms("SEND_TIMEOUT_MS", s.send_timeout_ms, 300_000, 10)?,
             prune_after: Duration::from_millis(s.prune_after_ms),
             credentials,
+            username: s.opencode_username.clone(),
             max_response_bytes: s.max_response_bytes.max(1024),
             max_event_bytes: s.max_event_bytes.max(1024),
             max_registration_bytes: s.max_registration_bytes.max(256),
+            secret,
+            allow_addresses,
+            max_instances_per_transport: s.max_instances_per_transport,
+            announce_max_age: (s.announce_max_age_s > 0)
+                .then(|| Duration::from_secs(s.announce_max_age_s)),
         })
     }
 }

@@ -37,6 +37,7 @@ fn announcement(id: &str, name: &str) -> Announcement {
         auth: false,
         tailnet_addrs: vec!["100.101.102.103".parse().unwrap()],
         magic_dns: Some("box.tail1234.ts.net".into()),
+        ..Announcement::default()
     }
 }
 

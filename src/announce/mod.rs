@@ -5,6 +5,17 @@
 //! Parsing is strict about what matters (a usable port, sane text) and lenient
 //! about the rest (unknown fields are ignored, `port` may be a number or a
 //! numeric string), because the seed's bash script wrote these files by hand.
+//!
+//! # Signed registrations
+//!
+//! Three optional fields carry an agent's signature: `at` (number, Unix
+//! seconds), `sig` (64 hex digits) and `addrs` (array of IP address
+//! strings). The signature is [`crate::secret::FleetSecret::sign`] over
+//! (`id`, `port`, `addrs`, `at`), where `port` is the file's `port` (what the
+//! reader connects to) and `addrs` is `["127.0.0.1"]` for a relay file (the
+//! tunnel's end, or the machine itself). A file without `sig` is unsigned
+//! (what `opencode-connected` writes); a malformed or partial signature makes
+//! the file unusable, with a reason.
 
 pub mod txt;
 
@@ -22,7 +33,7 @@ pub const MAX_ID_BYTES: usize = 128;
 
 /// One relay registration file, as written by `opencode-connected` and
 /// `opencode-agent`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Registration {
     /// Instance name that users match against.
@@ -47,6 +58,21 @@ pub struct Registration {
     /// PID of OpenCode on its machine (newer writers only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// When the agent signed, Unix seconds (signed files only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<u64>,
+    /// The signature, 64 hex digits (signed files only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+    /// Addresses the signature covers; `["127.0.0.1"]` for relay files.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addrs: Vec<std::net::IpAddr>,
+}
+
+/// The addresses a relay registration signs: the reader connects to the
+/// tunnel's end (or the machine itself) on loopback.
+pub fn relay_signed_addrs() -> Vec<std::net::IpAddr> {
+    vec![std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)]
 }
 
 impl Registration {
@@ -54,6 +80,26 @@ impl Registration {
     pub fn to_json(&self) -> String {
         // Serialising plain strings and integers cannot fail.
         serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The signature, when the file carries one.
+    pub fn signature(&self) -> Option<crate::secret::Signed> {
+        Some(crate::secret::Signed {
+            at: self.at?,
+            sig: self.sig.clone()?,
+        })
+    }
+
+    /// Signs the registration (which must have an `id`) at `at`: `addrs`
+    /// becomes [`relay_signed_addrs`] and `at`/`sig` the signature over
+    /// (`id`, `port`, addrs, `at`). Without an id nothing is signed.
+    pub fn sign_with(&mut self, secret: &crate::secret::FleetSecret, at: u64) {
+        let Some(id) = &self.id else {
+            return;
+        };
+        self.addrs = relay_signed_addrs();
+        self.at = Some(at);
+        self.sig = Some(secret.sign(id, self.port, &self.addrs, at));
     }
 }
 
@@ -161,7 +207,13 @@ struct RawRegistration {
     connected_at: Option<Value>,
     id: Option<Value>,
     pid: Option<Value>,
+    at: Option<Value>,
+    sig: Option<Value>,
+    addrs: Option<Value>,
 }
+
+/// Most addresses accepted in a registration's `addrs`.
+pub const MAX_SIGNED_ADDRS: usize = 64;
 
 /// Parses a registration file. `fallback_name` (the file stem) is used when
 /// the file has no `name`. The error is a sentence for the user.
@@ -231,6 +283,52 @@ pub fn parse_registration(bytes: &[u8], fallback_name: &str) -> Result<Registrat
     {
         return Err("`id` may only contain letters, digits and - _ . :".into());
     }
+    let at = match raw.at {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| format!("`at` must be Unix seconds (a whole number), got {v}"))?,
+        ),
+    };
+    let sig = match raw.sig {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s))
+            if s.len() == crate::secret::SIG_HEX_LEN
+                && s.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            Some(s.to_ascii_lowercase())
+        }
+        Some(_) => {
+            return Err(format!(
+                "`sig` must be a string of {} hex digits",
+                crate::secret::SIG_HEX_LEN
+            ));
+        }
+    };
+    let addrs = match raw.addrs {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) if items.len() <= MAX_SIGNED_ADDRS => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .and_then(|s| s.trim().parse().ok())
+                    .ok_or_else(|| format!("`addrs` must hold IP address strings, got {v}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?,
+        Some(_) => {
+            return Err(format!(
+                "`addrs` must be an array of at most {MAX_SIGNED_ADDRS} IP address strings"
+            ));
+        }
+    };
+    match (&at, &sig) {
+        (Some(_), None) => return Err("`at` without `sig`: a partial signature".into()),
+        (None, Some(_)) => return Err("`sig` without `at`: a partial signature".into()),
+        (Some(_), Some(_)) if id.is_none() => {
+            return Err("signed (`sig`) but without an `id`, which the signature covers".into());
+        }
+        _ => {}
+    }
     Ok(Registration {
         name,
         hostname: opt("hostname", raw.hostname, MAX_HOSTNAME_BYTES)?,
@@ -240,6 +338,9 @@ pub fn parse_registration(bytes: &[u8], fallback_name: &str) -> Result<Registrat
         connected_at: opt("connectedAt", raw.connected_at, 64)?,
         id,
         pid,
+        at,
+        sig,
+        addrs,
     })
 }
 
@@ -351,6 +452,7 @@ mod tests {
             connected_at: None,
             id: Some("abc".into()),
             pid: None,
+            ..Registration::default()
         };
         // A stale temp file from an interrupted write does not block the next one.
         std::fs::create_dir(&dir).unwrap();
@@ -386,8 +488,52 @@ mod tests {
             connected_at: Some("2026-01-01T00:00:00Z".into()),
             id: Some("abc123".into()),
             pid: Some(42),
+            ..Registration::default()
         };
         let back = parse_registration(r.to_json().as_bytes(), "x").unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn signed_registrations_round_trip_and_bad_signatures_are_reasons() {
+        let secret = crate::secret::FleetSecret::from_text(&"cd".repeat(32)).unwrap();
+        let mut r = Registration {
+            name: "n".into(),
+            port: 10001,
+            id: Some("abc123".into()),
+            ..Registration::default()
+        };
+        r.sign_with(&secret, 1_700_000_000);
+        let back = parse_registration(r.to_json().as_bytes(), "x").unwrap();
+        assert_eq!(back, r);
+        let s = back.signature().unwrap();
+        assert!(s.verify(&secret, "abc123", 10001, &back.addrs).is_ok());
+        let sig = "a".repeat(64);
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!(r#"{{"id":"i","port":1,"at":"x","sig":"{sig}"}}"#),
+                "`at`",
+            ),
+            (r#"{"id":"i","port":1,"at":1,"sig":"zz"}"#.into(), "`sig`"),
+            (r#"{"id":"i","port":1,"at":1}"#.into(), "partial"),
+            (format!(r#"{{"id":"i","port":1,"sig":"{sig}"}}"#), "partial"),
+            (format!(r#"{{"port":1,"at":1,"sig":"{sig}"}}"#), "`id`"),
+            (
+                format!(r#"{{"id":"i","port":1,"at":1,"sig":"{sig}","addrs":["nope"]}}"#),
+                "`addrs`",
+            ),
+            (
+                format!(r#"{{"id":"i","port":1,"at":1,"sig":"{sig}","addrs":"127.0.0.1"}}"#),
+                "`addrs`",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse_registration(text.as_bytes(), "f").unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+            assert!(!err.contains(&sig), "the signature is not echoed: {err}");
+        }
+        // Unsigned files (opencode-connected) still parse.
+        let plain = parse_registration(br#"{"name":"a","port":4811}"#, "x").unwrap();
+        assert!(plain.signature().is_none());
     }
 }

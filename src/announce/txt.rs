@@ -14,11 +14,26 @@
 //! | `auth` | `1` when OpenCode requires a password, else `0` |
 //! | `ts` | tailnet addresses, comma-separated (absent when none) |
 //! | `dns` | MagicDNS name (absent when none) |
+//! | `addrs` | addresses the agent signed, comma-separated (absent ⇒ unsigned) |
+//! | `at` | when the agent signed, in Unix seconds (with `sig`) |
+//! | `sig` | 64 hex digits: [`FleetSecret::sign`]`(id, SRV port, addrs, at)` |
 //!
 //! Every `key=value` entry is at most 255 bytes. Unknown keys are ignored by
 //! the parser, so later versions may add keys without bumping `txtvers`.
+//!
+//! # Signatures
+//!
+//! The signed tuple is (`id`, the SRV port, `addrs`, `at`). `addrs` is cut at
+//! whole addresses to fit one entry, and the signature must cover exactly
+//! the list carried: sign with [`Announcement::sign_with`], which cuts the
+//! list first ([`fit_addrs`]). `at`, `sig` and `addrs` go together: `sig`
+//! without `at` (or the reverse) makes the record unusable, `addrs` without
+//! `sig` is an unsigned record. The `sig` value is public (it is a MAC, not a
+//! password) but nothing in the server echoes it.
 
 use std::net::IpAddr;
+
+use crate::secret::{FleetSecret, SIG_HEX_LEN, Signed};
 
 /// DNS-SD service type of agent advertisements.
 pub const SERVICE_TYPE: &str = "_opencode._tcp.local.";
@@ -48,6 +63,54 @@ pub struct Announcement {
     pub tailnet_addrs: Vec<IpAddr>,
     /// MagicDNS name of the machine.
     pub magic_dns: Option<String>,
+    /// Addresses the signature covers (TXT `addrs`); empty when unsigned.
+    pub signed_addrs: Vec<IpAddr>,
+    /// The signature (TXT `at` and `sig`); `None` when unsigned.
+    pub signature: Option<Signed>,
+}
+
+/// Longest address list [`Announcement::to_txt`] carries in `key`: whole
+/// addresses, in the given order, as long as `key=a,b,…` fits in
+/// [`MAX_ENTRY_BYTES`].
+fn fit_list(key: &str, addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut len = key.len() + 1;
+    for a in addrs {
+        let add = a.to_string().len() + usize::from(!out.is_empty());
+        if len + add > MAX_ENTRY_BYTES {
+            break;
+        }
+        len += add;
+        out.push(*a);
+    }
+    out
+}
+
+/// The part of `addrs` that fits in the TXT `addrs` entry (whole addresses,
+/// in order). An agent signs this list, so that the signature covers exactly
+/// what the record carries.
+pub fn fit_addrs(addrs: &[IpAddr]) -> Vec<IpAddr> {
+    fit_list("addrs", addrs)
+}
+
+fn join_addrs(addrs: &[IpAddr]) -> String {
+    addrs
+        .iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses a comma-separated address list; any bad element is an error.
+fn parse_addr_list(key: &str, v: &str) -> Result<Vec<IpAddr>, String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpAddr>()
+                .map_err(|_| format!("TXT entry `{key}` holds {s:?}, which is not an IP address"))
+        })
+        .collect()
 }
 
 /// Cuts `s` so that `key=` + result fits in [`MAX_ENTRY_BYTES`], at a char
@@ -86,24 +149,27 @@ impl Announcement {
         push("auth", if self.auth { "1" } else { "0" });
         if !self.tailnet_addrs.is_empty() {
             // Keep whole addresses only: a cut address would be wrong, not short.
-            let mut list = String::new();
-            for a in &self.tailnet_addrs {
-                let next = if list.is_empty() {
-                    a.to_string()
-                } else {
-                    format!("{list},{a}")
-                };
-                if next.len() + 3 > MAX_ENTRY_BYTES {
-                    break;
-                }
-                list = next;
-            }
-            push("ts", &list);
+            push("ts", &join_addrs(&fit_list("ts", &self.tailnet_addrs)));
         }
         if let Some(d) = &self.magic_dns {
             push("dns", d);
         }
+        if let Some(s) = &self.signature {
+            // Cut exactly like `fit_addrs`, which `sign_with` signed.
+            push("addrs", &join_addrs(&fit_addrs(&self.signed_addrs)));
+            push("at", &s.at.to_string());
+            push("sig", &s.sig);
+        }
         out
+    }
+
+    /// Signs the announcement for SRV port `port` at time `at` (Unix
+    /// seconds): `signed_addrs` becomes the part of `addrs` that fits in the
+    /// record ([`fit_addrs`]) and `signature` the MAC over
+    /// (`id`, `port`, that list, `at`).
+    pub fn sign_with(&mut self, secret: &FleetSecret, port: u16, addrs: &[IpAddr], at: u64) {
+        self.signed_addrs = fit_addrs(addrs);
+        self.signature = Some(secret.signed(&self.id, port, &self.signed_addrs, at));
     }
 
     /// Parses TXT entries. Errors are sentences; a missing `id` or `name`, or
@@ -113,6 +179,7 @@ impl Announcement {
     ) -> Result<Self, String> {
         let mut a = Announcement::default();
         let mut vers = None;
+        let (mut at, mut sig) = (None, None);
         for (k, v) in entries {
             if k.len() + v.len() + 1 > MAX_ENTRY_BYTES {
                 return Err(format!(
@@ -135,6 +202,18 @@ impl Announcement {
                     a.tailnet_addrs = v.split(',').filter_map(|s| s.trim().parse().ok()).collect();
                 }
                 "dns" => a.magic_dns = Some(v.to_string()).filter(|s| !s.is_empty()),
+                "addrs" => a.signed_addrs = parse_addr_list("addrs", v)?,
+                "at" => {
+                    at = Some(v.trim().parse::<u64>().map_err(|_| {
+                        "TXT entry `at` is not a whole number of seconds".to_string()
+                    })?);
+                }
+                "sig" => {
+                    if v.len() != SIG_HEX_LEN || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(format!("TXT entry `sig` is not {SIG_HEX_LEN} hex digits"));
+                    }
+                    sig = Some(v.to_ascii_lowercase());
+                }
                 _ => {}
             }
         }
@@ -158,6 +237,16 @@ impl Announcement {
         if a.name.trim().is_empty() {
             return Err("missing `name`".into());
         }
+        a.signature = match (at, sig) {
+            (Some(at), Some(sig)) => Some(Signed { at, sig }),
+            (None, None) => None,
+            (Some(_), None) => return Err("TXT entry `at` without `sig`".into()),
+            (None, Some(_)) => return Err("TXT entry `sig` without `at`".into()),
+        };
+        if a.signature.is_none() {
+            // Unsigned: addresses nobody vouches for mean nothing.
+            a.signed_addrs.clear();
+        }
         Ok(a)
     }
 }
@@ -180,7 +269,85 @@ mod tests {
                 "fd7a:115c:a1e0::1".parse().unwrap(),
             ],
             magic_dns: Some("box.tail1234.ts.net".into()),
+            ..Announcement::default()
         }
+    }
+
+    fn secret() -> FleetSecret {
+        FleetSecret::from_text(&"ab".repeat(32)).unwrap()
+    }
+
+    #[test]
+    fn signed_records_round_trip_and_verify() {
+        let mut a = sample();
+        let addrs: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        a.sign_with(&secret(), 4242, &addrs, 1_700_000_000);
+        let txt = a.to_txt();
+        let keys: Vec<&str> = txt.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.ends_with(&["addrs", "at", "sig"]), "{keys:?}");
+        let back =
+            Announcement::from_txt(txt.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        assert_eq!(back, a);
+        let s = back.signature.as_ref().unwrap();
+        assert!(
+            s.verify(&secret(), &back.id, 4242, &back.signed_addrs)
+                .is_ok()
+        );
+        assert!(
+            s.verify(&secret(), &back.id, 4243, &back.signed_addrs)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn long_address_lists_are_cut_at_whole_addresses_and_the_signature_covers_the_cut() {
+        let mut a = sample();
+        let many: Vec<IpAddr> = (0..40)
+            .map(|i| format!("fd7a:115c:a1e0::{i:x}").parse().unwrap())
+            .collect();
+        a.sign_with(&secret(), 1, &many, 5);
+        assert!(a.signed_addrs.len() < many.len());
+        for (k, v) in a.to_txt() {
+            assert!(k.len() + 1 + v.len() <= MAX_ENTRY_BYTES, "{k} too long");
+        }
+        let txt = a.to_txt();
+        let back =
+            Announcement::from_txt(txt.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        assert_eq!(back.signed_addrs, a.signed_addrs);
+        let s = back.signature.unwrap();
+        assert!(s.verify(&secret(), &a.id, 1, &back.signed_addrs).is_ok());
+    }
+
+    #[test]
+    fn malformed_signature_entries_make_the_record_unusable() {
+        let base = [("txtvers", "1"), ("id", "x"), ("name", "n")];
+        let sig = "a".repeat(64);
+        let with = |extra: &[(&'static str, &str)]| {
+            let mut v: Vec<(&str, &str)> = base.to_vec();
+            v.extend_from_slice(extra);
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let parse = |e: Vec<(String, String)>| {
+            Announcement::from_txt(e.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        };
+        assert!(parse(with(&[("at", "1"), ("sig", &sig), ("addrs", "10.0.0.1")])).is_ok());
+        assert!(parse(with(&[("at", "x"), ("sig", &sig)])).is_err());
+        assert!(parse(with(&[("at", "1"), ("sig", "zz")])).is_err());
+        assert!(parse(with(&[("at", "1")])).is_err());
+        assert!(parse(with(&[("sig", &sig)])).is_err());
+        assert!(
+            parse(with(&[
+                ("at", "1"),
+                ("sig", &sig),
+                ("addrs", "10.0.0.1,nope")
+            ]))
+            .is_err()
+        );
+        // Addresses without a signature are dropped: the record is unsigned.
+        let a = parse(with(&[("addrs", "10.0.0.1")])).unwrap();
+        assert!(a.signature.is_none() && a.signed_addrs.is_empty());
     }
 
     #[test]

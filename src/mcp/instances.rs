@@ -29,8 +29,13 @@ pub struct InstanceInfo {
     pub hostname: Option<String>,
     /// Working directory, when announced.
     pub cwd: Option<String>,
-    /// online, offline or checking.
+    /// online, offline, checking or untrusted (never contacted; see `untrusted_reason`).
     pub status: String,
+    /// For online instances: `signed` (announcement signed with the fleet
+    /// secret, per-instance password) or `unsigned` (no secret configured).
+    pub trust: Option<String>,
+    /// Why an untrusted instance is never contacted, and what to do.
+    pub untrusted_reason: Option<String>,
     /// idle or busy (busy includes retrying); null unless online.
     pub activity: Option<String>,
     /// Sessions that are working, with their status.
@@ -152,9 +157,14 @@ pub fn instances_output(view: &View) -> InstancesOutput {
 
 fn instance_info(i: &Instance) -> InstanceInfo {
     let ep = i.endpoint();
+    let untrusted_reason = match &i.health {
+        Health::Untrusted { reason } => Some(reason.clone()),
+        _ => None,
+    };
     let (status, offline_reason, offline_for_s) = match &i.health {
         Health::Online { .. } => ("online", None, None),
         Health::Checking => ("checking", None, None),
+        Health::Untrusted { .. } => ("untrusted", None, None),
         Health::Offline { reason, since } => (
             "offline",
             Some(reason.clone()),
@@ -176,6 +186,10 @@ fn instance_info(i: &Instance) -> InstanceInfo {
         hostname: i.hostname.clone(),
         cwd: i.cwd.clone(),
         status: status.to_string(),
+        trust: i
+            .is_online()
+            .then(|| if i.is_signed() { "signed" } else { "unsigned" }.to_string()),
+        untrusted_reason,
         activity: i
             .is_online()
             .then(|| if i.is_busy() { "busy" } else { "idle" }.to_string()),
@@ -218,6 +232,9 @@ pub fn instances_text(out: &InstancesOutput) -> String {
                     " | v{}",
                     i.version.as_deref().unwrap_or("unknown")
                 ));
+                if let Some(t) = &i.trust {
+                    s.push_str(&format!(" | {t}"));
+                }
                 if i.pending_permissions > 0 {
                     s.push_str(&format!(
                         " | {} permission request(s) waiting",
@@ -230,6 +247,10 @@ pub fn instances_text(out: &InstancesOutput) -> String {
                 "  offline for {}s | {}",
                 i.offline_for_s.unwrap_or(0),
                 i.offline_reason.as_deref().unwrap_or("unreachable")
+            ),
+            "untrusted" => format!(
+                "  untrusted, never contacted | {}",
+                i.untrusted_reason.as_deref().unwrap_or("not signed")
             ),
             _ => "  checking…".to_string(),
         };

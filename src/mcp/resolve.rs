@@ -5,6 +5,8 @@
 //! match exactly one instance. Sessions: an id, an id prefix, or a
 //! case-insensitive title substring; by default the most recently updated
 //! top-level session. Failures are sentences that say what to do next.
+//! An untrusted instance resolves to an error saying why and what to do, so
+//! no tool can reach it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +47,10 @@ pub async fn instance(
         Health::Online { .. } => Ok(inst),
         Health::Checking => Err(format!(
             "Instance \"{}\" is still being health-checked; try again in a moment.",
+            inst.name
+        )),
+        Health::Untrusted { reason } => Err(format!(
+            "Instance \"{}\" is untrusted, so this server never contacts it: {reason}.",
             inst.name
         )),
         Health::Offline { reason, since } => {

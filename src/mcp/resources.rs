@@ -114,6 +114,7 @@ fn signature(i: &Instance) -> String {
         Health::Online { .. } => "online",
         Health::Offline { .. } => "offline",
         Health::Checking => "checking",
+        Health::Untrusted { .. } => "untrusted",
     };
     let mut perms: Vec<&str> = i
         .permissions

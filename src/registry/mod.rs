@@ -7,12 +7,22 @@
 //! HEALTH_CHECK_TIMEOUT_MS), one follower per online instance, and tells a
 //! transport when an instance has been unreachable for the whole grace period.
 //!
+//! Before anything is contacted, every path passes [`policy::admit`]: with a
+//! fleet secret only signed announcements, at addresses they signed; always
+//! only addresses the address policy allows. An instance with no admitted
+//! path is published as [`Health::Untrusted`] and never contacted (no health
+//! check, no follower). With a secret, each instance's credentials are its
+//! derived password ([`crate::secret::FleetSecret::instance_password`]);
+//! without one, OPENCODE_SERVER_PASSWORD for all. It also caps how many
+//! instances one transport may report (MAX_INSTANCES_PER_TRANSPORT).
+//!
 //! It must not format output for users or know about MCP.
 
 mod follower;
+pub mod policy;
 mod view;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,12 +31,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use view::{Fanout, Health, Instance, PendingPermission, SessionBrief, Stream, View};
 
-use crate::config::Config;
+use crate::config::{Config, Credentials};
 use crate::error::Result;
 use crate::opencode::client::http_client;
 use crate::opencode::{ClientLimits, OpenCodeClient};
 use crate::transport::{Discovery, Endpoint, Feedback, Transport, TransportKind, TransportLink};
 use follower::{FollowerEvent, FollowerMsg};
+use policy::AddressPolicy;
 
 /// Handle to the running registry. Cheap to clone.
 #[derive(Clone)]
@@ -79,6 +90,8 @@ impl Registry {
         let (fol_tx, fol_rx) = mpsc::unbounded_channel();
         let (health_tx, health_rx) = mpsc::unbounded_channel();
         let state = State {
+            policy: AddressPolicy::new(config.allow_addresses.clone()),
+            overflow: BTreeMap::new(),
             config: config.clone(),
             http,
             limits,
@@ -149,7 +162,10 @@ impl Registry {
 
 /// Registry-private state of one instance.
 struct Entry {
-    /// Paths by transport.
+    /// Every path as its transport announced it, by transport.
+    seen: BTreeMap<TransportKind, Endpoint>,
+    /// The admitted paths (trusted, addresses filtered), by transport; empty
+    /// when the instance is untrusted.
     paths: BTreeMap<TransportKind, Endpoint>,
     /// The published instance (rebuilt on change).
     published: Arc<Instance>,
@@ -174,6 +190,10 @@ struct HealthResult {
 }
 
 struct State {
+    /// Which addresses may be contacted.
+    policy: AddressPolicy,
+    /// Keys each transport reported beyond MAX_INSTANCES_PER_TRANSPORT (ignored), and since when.
+    overflow: BTreeMap<TransportKind, (BTreeSet<String>, SystemTime)>,
     config: Config,
     http: reqwest::Client,
     limits: ClientLimits,
@@ -243,32 +263,157 @@ impl State {
         }
     }
 
+    /// The credentials sent to instance `key`: its derived password with a
+    /// fleet secret, else OPENCODE_SERVER_PASSWORD (if set).
+    fn credentials_for(&self, key: &str) -> Option<Credentials> {
+        match &self.config.secret {
+            Some(secret) => Some(Credentials {
+                username: self.config.username.clone(),
+                password: secret.instance_password(key),
+            }),
+            None => self.config.credentials.clone(),
+        }
+    }
+
     fn client_for(&self, ep: &Endpoint) -> OpenCodeClient {
         OpenCodeClient::new(
             self.http.clone(),
             ep.base_url(),
-            self.config.credentials.clone(),
+            self.credentials_for(&ep.key),
             self.limits,
         )
+    }
+
+    /// A client that sends no credentials (for instances never contacted).
+    fn anonymous_client(&self, ep: &Endpoint) -> OpenCodeClient {
+        OpenCodeClient::new(self.http.clone(), ep.base_url(), None, self.limits)
+    }
+
+    /// Whether `via` already reports as many instances as allowed and `key`
+    /// is not one of them; records the overflow (logged once per episode).
+    fn over_cap(&mut self, via: TransportKind, key: &str) -> bool {
+        let max = self.config.max_instances_per_transport;
+        if self
+            .entries
+            .get(key)
+            .is_some_and(|e| e.seen.contains_key(&via))
+        {
+            return false;
+        }
+        let count = self
+            .entries
+            .values()
+            .filter(|e| e.seen.contains_key(&via))
+            .count();
+        if count < max {
+            return false;
+        }
+        let (keys, _) = self.overflow.entry(via).or_insert_with(|| {
+            tracing::warn!(transport = %via, "more than {max} instances reported; ignoring the rest (MAX_INSTANCES_PER_TRANSPORT)");
+            (BTreeSet::new(), SystemTime::now())
+        });
+        keys.insert(key.to_string());
+        true
+    }
+
+    /// Re-applies the trust decision to every path of `key` and re-derives
+    /// the published instance: admitted paths are health-checked; with none,
+    /// the instance is untrusted and nothing is contacted.
+    fn reevaluate(&mut self, key: &str) {
+        self.policy.refresh();
+        let Some(entry) = self.entries.get(key) else {
+            return;
+        };
+        let mut admitted = BTreeMap::new();
+        let mut reasons = Vec::new();
+        for (via, ep) in &entry.seen {
+            match policy::admit(ep, self.config.secret.as_ref(), &self.policy) {
+                Ok(addrs) => {
+                    let mut ep = ep.clone();
+                    ep.addrs = addrs;
+                    admitted.insert(*via, ep);
+                }
+                Err(reason) => reasons.push((*via, reason)),
+            }
+        }
+        if admitted.is_empty() {
+            let reason = match &reasons[..] {
+                [(_, r)] => r.clone(),
+                many => many
+                    .iter()
+                    .map(|(via, r)| format!("via {via}: {r}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            };
+            let mut shown: Vec<Endpoint> = entry.seen.values().cloned().collect();
+            shown.sort_by_key(|p| p.reach);
+            let client = self.anonymous_client(&shown[0]);
+            let Some(entry) = self.entries.get_mut(key) else {
+                return;
+            };
+            if let Some((_, stop)) = entry.follower.take() {
+                stop.cancel();
+            }
+            let was =
+                matches!(&entry.published.health, Health::Untrusted { reason: r } if *r == reason);
+            if !was {
+                tracing::warn!(instance = %key, %reason, "untrusted instance; it is not contacted");
+            }
+            entry.paths.clear();
+            entry.checked_once = true;
+            let mut inst = (*entry.published).clone();
+            inst.name = shown[0].name.clone();
+            inst.hostname = shown[0].hostname.clone();
+            inst.cwd = shown[0].cwd.clone();
+            inst.paths = shown;
+            inst.active = 0;
+            inst.client = client;
+            inst.health = Health::Untrusted { reason };
+            inst.stream = Stream::Idle;
+            inst.statuses.clear();
+            inst.permissions.clear();
+            entry.published = Arc::new(inst);
+            return;
+        }
+        for (via, r) in &reasons {
+            tracing::debug!(instance = %key, transport = %via, reason = %r, "path not admitted");
+        }
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        if entry.paths == admitted && !entry.published.is_untrusted() {
+            return;
+        }
+        entry.paths = admitted;
+        // A changed address needs a fresh check.
+        entry.next_check = Instant::now();
+        if entry.published.is_untrusted() {
+            let mut inst = (*entry.published).clone();
+            inst.health = Health::Checking;
+            entry.checked_once = false;
+            entry.published = Arc::new(inst);
+        }
+        self.rebuild(key);
     }
 
     fn on_discovery(&mut self, d: Discovery) -> bool {
         match d {
             Discovery::Seen(ep) => {
                 let key = ep.key.clone();
+                if self.over_cap(ep.via, &key) {
+                    return true;
+                }
                 match self.entries.get_mut(&key) {
                     Some(entry) => {
-                        if entry.paths.get(&ep.via) == Some(&ep) {
+                        if entry.seen.get(&ep.via) == Some(&ep) {
                             return false;
                         }
-                        entry.paths.insert(ep.via, ep);
-                        // A changed address needs a fresh check.
-                        entry.next_check = Instant::now();
-                        self.rebuild(&key);
+                        entry.seen.insert(ep.via, ep);
+                        self.reevaluate(&key);
                     }
                     None => {
-                        let mut paths = BTreeMap::new();
-                        paths.insert(ep.via, ep.clone());
+                        let mut seen = BTreeMap::new();
+                        seen.insert(ep.via, ep.clone());
                         let published = Arc::new(Instance {
                             key: key.clone(),
                             name: ep.name.clone(),
@@ -276,7 +421,7 @@ impl State {
                             cwd: ep.cwd.clone(),
                             paths: vec![ep.clone()],
                             active: 0,
-                            client: self.client_for(&ep),
+                            client: self.anonymous_client(&ep),
                             health: Health::Checking,
                             stream: Stream::Idle,
                             statuses: HashMap::new(),
@@ -288,7 +433,8 @@ impl State {
                         self.entries.insert(
                             key.clone(),
                             Entry {
-                                paths,
+                                seen,
+                                paths: BTreeMap::new(),
                                 published,
                                 checking: false,
                                 next_check: Instant::now(),
@@ -297,24 +443,32 @@ impl State {
                                 checked_once: false,
                             },
                         );
+                        self.reevaluate(&key);
                     }
                 }
                 true
             }
             Discovery::Gone { key, via } => {
+                if let Some((keys, _)) = self.overflow.get_mut(&via)
+                    && keys.remove(&key)
+                {
+                    if keys.is_empty() {
+                        self.overflow.remove(&via);
+                    }
+                    return true;
+                }
                 let Some(entry) = self.entries.get_mut(&key) else {
                     return false;
                 };
-                entry.paths.remove(&via);
-                if entry.paths.is_empty() {
+                entry.seen.remove(&via);
+                if entry.seen.is_empty() {
                     if let Some(e) = self.entries.remove(&key)
                         && let Some((_, stop)) = e.follower
                     {
                         stop.cancel();
                     }
                 } else {
-                    entry.next_check = Instant::now();
-                    self.rebuild(&key);
+                    self.reevaluate(&key);
                 }
                 true
             }
@@ -348,9 +502,8 @@ impl State {
         inst.name = best.name.clone();
         inst.hostname = best.hostname.clone();
         inst.cwd = best.cwd.clone();
-        if paths[active] != active_ep {
-            inst.client = self.client_for(&best);
-        }
+        // Always: the old client may be an anonymous placeholder.
+        inst.client = self.client_for(&best);
         inst.paths = paths;
         inst.active = active;
         if let Some(e) = self.entries.get_mut(key) {
@@ -363,7 +516,12 @@ impl State {
         let due: Vec<String> = self
             .entries
             .iter()
-            .filter(|(_, e)| !e.checking && e.next_check <= now)
+            .filter(|(_, e)| {
+                !e.checking
+                    && e.next_check <= now
+                    && !e.paths.is_empty()
+                    && !e.published.is_untrusted()
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {
@@ -404,11 +562,12 @@ impl State {
     async fn on_health(&mut self, h: HealthResult) -> bool {
         let interval = self.config.discovery_interval;
         let prune_after = self.config.prune_after;
+        let credentials = self.credentials_for(&h.key);
         let Some(entry) = self.entries.get_mut(&h.key) else {
             return false;
         };
         entry.checking = false;
-        if entry.published.paths != h.tried {
+        if entry.published.paths != h.tried || entry.published.is_untrusted() {
             // Paths changed while checking: check again with the new ones.
             entry.next_check = Instant::now();
             return false;
@@ -424,7 +583,7 @@ impl State {
                     inst.client = OpenCodeClient::new(
                         self.http.clone(),
                         inst.paths[idx].base_url(),
-                        self.config.credentials.clone(),
+                        credentials,
                         self.limits,
                     );
                 }
@@ -459,7 +618,7 @@ impl State {
                     Health::Offline { since, .. } => *since,
                     _ => {
                         tracing::info!(instance = %inst.name, %reason, "instance offline");
-                        for via in entry.paths.keys() {
+                        for via in entry.seen.keys() {
                             if let Some(fb) = self.feedback.get(via) {
                                 let _ = fb.try_send(Feedback::Unreachable { key: h.key.clone() });
                             }
@@ -476,7 +635,7 @@ impl State {
                 inst.health = Health::Offline { reason, since };
                 if since.elapsed().unwrap_or_default() >= prune_after {
                     tracing::info!(instance = %inst.name, "dropping instance unreachable for {}s", prune_after.as_secs());
-                    let vias: Vec<TransportKind> = entry.paths.keys().copied().collect();
+                    let vias: Vec<TransportKind> = entry.seen.keys().copied().collect();
                     self.entries.remove(&h.key);
                     for via in vias {
                         if let Some(fb) = self.feedback.get(&via) {
@@ -589,9 +748,21 @@ impl State {
         instances.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.key.cmp(&b.key)));
         let settled =
             self.pending_ready.is_empty() && self.entries.values().all(|e| e.checked_once);
+        let mut problems = self.problems.clone();
+        let max = self.config.max_instances_per_transport;
+        for (via, (keys, since)) in &self.overflow {
+            problems.entry(*via).or_default().push(crate::transport::Problem::new(
+                format!("{via} transport"),
+                format!(
+                    "{} more instance(s) than MAX_INSTANCES_PER_TRANSPORT={max} were reported and are ignored; raise the limit if they are real, or look for a flood of forged announcements",
+                    keys.len()
+                ),
+                *since,
+            ));
+        }
         let view = View {
             instances,
-            problems: self.problems.clone(),
+            problems,
             settled,
             transports_ready: self.pending_ready.is_empty(),
             generation: self.generation,

@@ -56,6 +56,14 @@ pub enum Health {
         /// When the failures started.
         since: SystemTime,
     },
+    /// Never contacted: no path passed the trust decision (unsigned or
+    /// forged announcement, replay to another address, address outside the
+    /// policy). Not health-checked, not followed, refused by every tool.
+    Untrusted {
+        /// Why, as a sentence with what to do; never contains a secret,
+        /// password or signature.
+        reason: String,
+    },
 }
 
 /// State of the instance's event stream.
@@ -157,6 +165,16 @@ impl Instance {
     /// Whether the instance answers health checks.
     pub fn is_online(&self) -> bool {
         matches!(self.health, Health::Online { .. })
+    }
+
+    /// Whether the instance is untrusted (and so never contacted).
+    pub fn is_untrusted(&self) -> bool {
+        matches!(self.health, Health::Untrusted { .. })
+    }
+
+    /// Whether the path in use is signed with the fleet secret.
+    pub fn is_signed(&self) -> bool {
+        self.endpoint().trust == crate::transport::Trust::Signed
     }
 
     /// Whether any session is working.

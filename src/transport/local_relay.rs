@@ -17,6 +17,10 @@
 //! regular file inside the directory; anything else (FIFOs, sockets,
 //! directories named `*.json`, files over MAX_REGISTRATION_BYTES) is reported
 //! and left alone.
+//!
+//! A file's signature (`at`, `sig`, `addrs`; see [`crate::announce`]) is
+//! checked here against (`id`, `port`, `addrs`); the verdict travels on the
+//! endpoint.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -33,6 +37,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Discovery, Endpoint, Feedback, Problem, Reach, Transport, TransportKind, TransportLink,
+    TrustCheck,
 };
 use crate::announce::{Registration, parse_registration};
 use crate::config::Config;
@@ -48,6 +53,8 @@ pub struct LocalRelay {
     prune_after: Duration,
     /// Largest file read.
     max_bytes: u64,
+    /// Signature checks.
+    trust: TrustCheck,
 }
 
 impl LocalRelay {
@@ -58,6 +65,7 @@ impl LocalRelay {
             interval: config.discovery_interval,
             prune_after: config.prune_after,
             max_bytes: config.max_registration_bytes,
+            trust: TrustCheck::from_config(config),
         }
     }
 }
@@ -93,6 +101,8 @@ struct Scanner {
     prune_after: Duration,
     /// Largest file read.
     max_bytes: u64,
+    /// Signature checks.
+    trust: TrustCheck,
     /// Per file name.
     files: HashMap<PathBuf, FileState>,
     /// A problem with the directory itself.
@@ -107,6 +117,7 @@ async fn run(relay: LocalRelay, mut link: TransportLink) -> Result<()> {
         dir: relay.dir.clone(),
         prune_after: relay.prune_after,
         max_bytes: relay.max_bytes,
+        trust: relay.trust.clone(),
         files: HashMap::new(),
         dir_problem: None,
         last_problems: Vec::new(),
@@ -326,7 +337,7 @@ impl Scanner {
         st.fingerprint = fingerprint;
         match outcome {
             Ok(reg) => {
-                let endpoint = endpoint_for(&reg, name, &path);
+                let endpoint = endpoint_for(&reg, name, &path, &self.trust);
                 st.problem = None;
                 if st.key.as_deref() != Some(endpoint.key.as_str())
                     && let Some(old) = st.key.take()
@@ -521,7 +532,7 @@ fn is_candidate(name: &Path) -> bool {
     name.extension() == Some(OsStr::new("json")) && !s.starts_with(b".") && s.len() > 5
 }
 
-fn endpoint_for(reg: &Registration, name: &Path, path: &Path) -> Endpoint {
+fn endpoint_for(reg: &Registration, name: &Path, path: &Path, check: &TrustCheck) -> Endpoint {
     let stem = name
         .file_stem()
         .and_then(OsStr::to_str)
@@ -547,6 +558,17 @@ fn endpoint_for(reg: &Registration, name: &Path, path: &Path) -> Endpoint {
         reach,
         source: path.display().to_string(),
         connected_at: reg.connected_at.clone(),
+        trust: match &reg.id {
+            Some(id) => check.assess(
+                id,
+                reg.port,
+                &reg.addrs,
+                reg.signature().as_ref(),
+                SystemTime::now(),
+            ),
+            None => super::Trust::Unsigned,
+        },
+        signed_addrs: reg.addrs.clone(),
     }
 }
 

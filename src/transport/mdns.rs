@@ -5,8 +5,12 @@
 //! - `_opencode._tcp.local.`: `opencode-agent` advertisements. The TXT record
 //!   is read only through [`Announcement::from_txt`]; the instance is keyed by
 //!   its TXT `id`, named, placed (host, cwd) from the TXT, and reached at the
-//!   addresses of the resolved record. A record whose TXT does not parse is
-//!   listed as a [`Problem`], never dropped silently.
+//!   addresses of the resolved record. A record whose TXT does not parse (or
+//!   whose TXT is over [`MAX_TXT_BYTES`] in total) is listed as a
+//!   [`Problem`], never dropped silently. Its signature is checked over
+//!   (TXT `id`, SRV port, TXT `addrs`, TXT `at`); when two advertisements
+//!   claim one id, a verified one (signed, at an address it signed) wins
+//!   over any other (a spoofed or replayed copy cannot push the real one out).
 //! - `_http._tcp.local.`: OpenCode's own `--mdns` advertisement (instance
 //!   `opencode-<port>`, TXT `path=/`, an SRV target shared by every instance),
 //!   keyed `mdns:<addr>:<port>` and named `opencode-<port>@<host or addr>`.
@@ -43,10 +47,16 @@ use mdns_sd::{
 use tokio::sync::mpsc;
 
 use super::{
-    Discovery, Endpoint, Feedback, Problem, Reach, Transport, TransportKind, TransportLink,
+    Discovery, Endpoint, Feedback, Problem, Reach, Transport, TransportKind, TransportLink, Trust,
+    TrustCheck,
 };
 use crate::announce::txt::{Announcement, SERVICE_TYPE};
+use crate::config::Config;
 use crate::error::{Error, Result};
+
+/// Largest TXT record accepted, all entries together, in bytes (RFC 6763
+/// §6.2 advises keeping it under 1300; this leaves room and stops abuse).
+pub const MAX_TXT_BYTES: usize = 8192;
 
 /// DNS-SD type of OpenCode's own `--mdns` advertisement.
 pub const OPENCODE_HTTP_TYPE: &str = "_http._tcp.local.";
@@ -72,12 +82,14 @@ const DAEMON_SOURCE: &str = "mDNS daemon";
 pub struct Mdns {
     /// The mdns-sd daemon (its own thread); shut down when the transport stops.
     daemon: ServiceDaemon,
+    /// Signature checks.
+    trust: TrustCheck,
 }
 
 impl Mdns {
     /// Starts the mdns-sd daemon. Fails with [`Error::TransportUnavailable`]
     /// when the daemon cannot be created (no sockets, no threads).
-    pub fn new() -> Result<Self> {
+    pub fn new(config: &Config) -> Result<Self> {
         let unavailable = |e: mdns_sd::Error| Error::TransportUnavailable {
             transport: "mdns",
             reason: format!(
@@ -90,7 +102,10 @@ impl Mdns {
             let _ = daemon.shutdown();
             return Err(unavailable(e));
         }
-        Ok(Self { daemon })
+        Ok(Self {
+            daemon,
+            trust: TrustCheck::from_config(config),
+        })
     }
 }
 
@@ -100,7 +115,7 @@ impl Transport for Mdns {
     }
 
     fn run(self: Box<Self>, link: TransportLink) -> BoxFuture<'static, Result<()>> {
-        run(self.daemon, link).boxed()
+        run(self.daemon, self.trust, link).boxed()
     }
 }
 
@@ -194,14 +209,20 @@ enum Meaning {
 }
 
 /// Interprets one advertisement.
-fn interpret(ad: &Advert) -> Meaning {
+fn interpret(ad: &Advert, check: &TrustCheck) -> Meaning {
     match ad.kind {
-        Kind::Agent => interpret_agent(ad),
+        Kind::Agent => interpret_agent(ad, check),
         Kind::Http => interpret_http(ad),
     }
 }
 
-fn interpret_agent(ad: &Advert) -> Meaning {
+fn interpret_agent(ad: &Advert, check: &TrustCheck) -> Meaning {
+    let txt_bytes: usize = ad.txt.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if txt_bytes > MAX_TXT_BYTES {
+        return Meaning::Problem(format!(
+            "TXT record of {txt_bytes} bytes is over the {MAX_TXT_BYTES}-byte limit; ignored"
+        ));
+    }
     let ann = match Announcement::from_txt(ad.txt.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
         Ok(a) => a,
         Err(reason) => return Meaning::Problem(format!("unusable TXT record: {reason}")),
@@ -214,7 +235,16 @@ fn interpret_agent(ad: &Advert) -> Meaning {
         return Meaning::Problem("advertised with port 0".into());
     }
     let hostname = ann.hostname.or_else(|| short_host(&ad.host));
+    let trust = check.assess(
+        &ann.id,
+        ad.port,
+        &ann.signed_addrs,
+        ann.signature.as_ref(),
+        SystemTime::now(),
+    );
     Meaning::Endpoint(Endpoint {
+        trust,
+        signed_addrs: ann.signed_addrs,
         key: ann.id,
         name: ann.name,
         hostname,
@@ -270,6 +300,9 @@ fn interpret_http(ad: &Advert) -> Meaning {
         via: TransportKind::Mdns,
         source: ad.fullname.clone(),
         connected_at: None,
+        // OpenCode's own advertisement carries no signature.
+        trust: Trust::Unsigned,
+        signed_addrs: Vec::new(),
     })
 }
 
@@ -401,6 +434,8 @@ struct Tracker {
     daemon_problem: Option<(String, SystemTime, Instant)>,
     /// Resolve counter.
     seq: u64,
+    /// Signature checks.
+    check: TrustCheck,
 }
 
 /// A change to send to the registry.
@@ -416,7 +451,7 @@ impl Tracker {
     /// records arrive or change).
     fn resolved(&mut self, ad: &Advert, now: Instant) -> Vec<Change> {
         self.seq += 1;
-        let meaning = interpret(ad);
+        let meaning = interpret(ad, &self.check);
         let problem_since = match (self.adverts.get(&ad.fullname), &meaning) {
             (
                 Some(Tracked {
@@ -495,13 +530,23 @@ impl Tracker {
 
     /// The endpoints the advertisements add up to, by key.
     fn wanted(&self) -> BTreeMap<String, Endpoint> {
-        let mut by_key: BTreeMap<String, (u64, Kind, &Endpoint)> = BTreeMap::new();
+        // A verified advertisement beats an unverified one of the same id
+        // (a spoofed copy must not displace the real one); then the latest.
+        let mut by_key: BTreeMap<String, ((bool, u64), Kind, &Endpoint)> = BTreeMap::new();
         for t in self.adverts.values() {
             if let Meaning::Endpoint(e) = &t.meaning {
+                // Verified means: signed, and resolved at an address it signed.
+                let verified = e.trust == Trust::Signed
+                    && e.addrs.iter().any(|a| {
+                        e.signed_addrs
+                            .iter()
+                            .any(|s| s.to_canonical() == a.to_canonical())
+                    });
+                let rank = (verified, t.seq);
                 match by_key.get(&e.key) {
-                    Some((seq, _, _)) if *seq > t.seq => {}
+                    Some((r, _, _)) if *r > rank => {}
                     _ => {
-                        by_key.insert(e.key.clone(), (t.seq, t.kind, e));
+                        by_key.insert(e.key.clone(), (rank, t.kind, e));
                     }
                 }
             }
@@ -612,8 +657,11 @@ async fn send_all(events: &mpsc::Sender<Discovery>, changes: Vec<Change>) {
     }
 }
 
-async fn run(daemon: ServiceDaemon, mut link: TransportLink) -> Result<()> {
-    let mut tracker = Tracker::default();
+async fn run(daemon: ServiceDaemon, check: TrustCheck, mut link: TransportLink) -> Result<()> {
+    let mut tracker = Tracker {
+        check,
+        ..Tracker::default()
+    };
     // A browse that cannot start is a problem to show, not the end of the
     // transport: the registry would otherwise wait for its `Ready` forever.
     let start = |kind: Kind, tracker: &mut Tracker| match browse(&daemon, kind) {
@@ -831,8 +879,11 @@ mod tests {
             4242,
             &["fe80::1", "10.0.0.5"],
         );
-        let Meaning::Endpoint(e) = interpret(&ad) else {
-            panic!("not an endpoint: {:?}", interpret(&ad));
+        let Meaning::Endpoint(e) = interpret(&ad, &TrustCheck::default()) else {
+            panic!(
+                "not an endpoint: {:?}",
+                interpret(&ad, &TrustCheck::default())
+            );
         };
         assert_eq!(e.key, "id-1");
         assert_eq!(e.name, "box-proj");
@@ -850,9 +901,13 @@ mod tests {
     fn bad_txt_is_a_problem_not_an_endpoint() {
         let mut ad = agent_ad("x._opencode._tcp.local.", "id-1", 1, &["10.0.0.5"]);
         ad.txt = vec![("txtvers".into(), "1".into()), ("name".into(), "n".into())];
-        assert!(matches!(interpret(&ad), Meaning::Problem(r) if r.contains("id")));
+        assert!(
+            matches!(interpret(&ad, &TrustCheck::default()), Meaning::Problem(r) if r.contains("id"))
+        );
         ad.txt.clear();
-        assert!(matches!(interpret(&ad), Meaning::Problem(r) if r.contains("txtvers")));
+        assert!(
+            matches!(interpret(&ad, &TrustCheck::default()), Meaning::Problem(r) if r.contains("txtvers"))
+        );
     }
 
     #[test]
@@ -918,7 +973,7 @@ mod tests {
             4096,
             &["10.77.1.1", "fe80::1"],
         );
-        let Meaning::Endpoint(e) = interpret(&ad) else {
+        let Meaning::Endpoint(e) = interpret(&ad, &TrustCheck::default()) else {
             panic!("not an endpoint");
         };
         assert_eq!(e.key, "mdns:10.77.1.1:4096");
@@ -932,7 +987,7 @@ mod tests {
             4097,
             &["fe80::1"],
         );
-        let Meaning::Endpoint(e) = interpret(&ad) else {
+        let Meaning::Endpoint(e) = interpret(&ad, &TrustCheck::default()) else {
             panic!("not an endpoint");
         };
         assert_eq!(e.key, "mdns:[fe80::1]:4097");
@@ -949,7 +1004,11 @@ mod tests {
         ] {
             let mut ad = http_ad(name, "h.local.", 4096, &["10.0.0.1"]);
             ad.txt = vec![("path".into(), path.into())];
-            assert_eq!(interpret(&ad), Meaning::Ignored, "{name} {path}");
+            assert_eq!(
+                interpret(&ad, &TrustCheck::default()),
+                Meaning::Ignored,
+                "{name} {path}"
+            );
         }
         assert!(is_opencode_instance_name("opencode-4096 (2)"));
     }

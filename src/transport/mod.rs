@@ -7,6 +7,11 @@
 //! OpenCode and never decides status: that is the registry's job. The only
 //! thing flowing back is [`Feedback`], so that a transport can clean up what it
 //! owns (a stale relay file) once the registry has given up on an endpoint.
+//!
+//! A transport also checks the signature of what it parsed ([`TrustCheck`]),
+//! because only it knows which port and addresses the announcement named;
+//! what to do with the verdict ([`Endpoint::trust`]) is the registry's
+//! policy.
 
 pub mod local_relay;
 pub mod mdns;
@@ -14,7 +19,7 @@ pub mod tailscale;
 
 use std::fmt;
 use std::net::IpAddr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use serde::Serialize;
@@ -23,6 +28,89 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::secret::{FleetSecret, Signed, VerifyError};
+
+/// What the signature of an announcement says, as its transport checked it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Signed with this server's fleet secret over exactly what was
+    /// announced (and, with ANNOUNCE_MAX_AGE_S, recently enough). Which
+    /// addresses may be contacted is in [`Endpoint::signed_addrs`].
+    Signed,
+    /// No signature (or no fleet secret here to check one with).
+    Unsigned,
+    /// A signature that does not verify; why, as a sentence with what to do.
+    Invalid(String),
+}
+
+/// Checks announcement signatures for a transport: the fleet secret (if
+/// any) and the age limit from the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct TrustCheck {
+    /// The fleet secret; without it everything is [`Trust::Unsigned`].
+    pub secret: Option<FleetSecret>,
+    /// Oldest signature accepted (ANNOUNCE_MAX_AGE_S); `None`: no limit.
+    pub max_age: Option<Duration>,
+}
+
+/// What to tell the owner of an instance that is not signed with our secret.
+pub const SAME_SECRET_HINT: &str = "if it is yours, give that machine the same fleet secret (set OPENCODE_MCP_SECRET, or run `opencode-agent secret import` there) and restart its agent";
+
+impl TrustCheck {
+    /// The check the configuration asks for.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            secret: config.secret.clone(),
+            max_age: config.announce_max_age,
+        }
+    }
+
+    /// The verdict on an announcement of `id` at `port`, signing `addrs`.
+    /// Never puts the signature into a reason.
+    pub fn assess(
+        &self,
+        id: &str,
+        port: u16,
+        addrs: &[IpAddr],
+        signature: Option<&Signed>,
+        now: SystemTime,
+    ) -> Trust {
+        let (Some(secret), Some(sig)) = (&self.secret, signature) else {
+            return Trust::Unsigned;
+        };
+        match sig.verify(secret, id, port, addrs) {
+            Ok(()) => {}
+            Err(VerifyError::BadSignature) => {
+                return Trust::Invalid(format!(
+                    "its announcement is signed with another fleet secret (or was altered); {SAME_SECRET_HINT}"
+                ));
+            }
+            Err(e @ VerifyError::Malformed { .. }) => {
+                return Trust::Invalid(format!("its announcement carries a {e}"));
+            }
+        }
+        if let Some(max) = self.max_age {
+            let now_s = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let age = now_s.abs_diff(sig.at);
+            if age > max.as_secs() {
+                let when = if sig.at > now_s { "ahead" } else { "old" };
+                return Trust::Invalid(format!(
+                    "its signature is {age}s {when}, beyond ANNOUNCE_MAX_AGE_S={}; check both clocks, or that its agent re-signs its announcement",
+                    max.as_secs()
+                ));
+            }
+        }
+        if addrs.is_empty() {
+            return Trust::Invalid(
+                "its signed announcement names no address, so there is nowhere it may be contacted; upgrade its agent".into(),
+            );
+        }
+        Trust::Signed
+    }
+}
 
 /// The transports this build knows, by their `TRANSPORT` names.
 #[derive(
@@ -143,6 +231,11 @@ pub struct Endpoint {
     pub source: String,
     /// When the instance says it connected (the registration's `connectedAt`).
     pub connected_at: Option<String>,
+    /// What the announcement's signature says (checked by the transport).
+    pub trust: Trust,
+    /// The addresses the signature covers; only these may be contacted with
+    /// credentials. Empty when unsigned.
+    pub signed_addrs: Vec<IpAddr>,
 }
 
 impl Endpoint {
@@ -259,7 +352,7 @@ pub fn build(config: &Config) -> Result<Vec<Box<dyn Transport>>> {
     for kind in &config.transports {
         match kind {
             TransportKind::LocalRelay => out.push(Box::new(local_relay::LocalRelay::new(config))),
-            TransportKind::Mdns => match mdns::Mdns::new() {
+            TransportKind::Mdns => match mdns::Mdns::new(config) {
                 Ok(t) => out.push(Box::new(t)),
                 Err(e) if auto => tracing::info!("mdns transport skipped: {e}"),
                 Err(e) => return Err(e),
@@ -268,7 +361,7 @@ pub fn build(config: &Config) -> Result<Vec<Box<dyn Transport>>> {
                 match tailscale::TailscaleOptions::from_env(config)
                     .and_then(tailscale::Tailscale::new)
                 {
-                    Ok(t) => out.push(Box::new(t)),
+                    Ok(t) => out.push(Box::new(t.with_trust(TrustCheck::from_config(config)))),
                     Err(e) if auto => tracing::info!("tailscale transport skipped: {e}"),
                     Err(e) => return Err(e),
                 }
@@ -318,6 +411,73 @@ mod tests {
     }
 
     #[test]
+    fn trust_check_verifies_signature_age_and_addresses() {
+        let secret = FleetSecret::from_text(&"12".repeat(32)).unwrap();
+        let other = FleetSecret::from_text(&"34".repeat(32)).unwrap();
+        let addrs: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap()];
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let check = TrustCheck {
+            secret: Some(secret.clone()),
+            max_age: None,
+        };
+        let good = secret.signed("id", 80, &addrs, 10);
+        assert_eq!(
+            check.assess("id", 80, &addrs, Some(&good), now),
+            Trust::Signed
+        );
+        assert_eq!(check.assess("id", 80, &addrs, None, now), Trust::Unsigned);
+        // Another id, port or address list, or another secret: invalid.
+        for (id, port, a) in [
+            ("id2", 80, addrs.clone()),
+            ("id", 81, addrs.clone()),
+            ("id", 80, vec![]),
+        ] {
+            assert!(matches!(
+                check.assess(id, port, &a, Some(&good), now),
+                Trust::Invalid(_)
+            ));
+        }
+        let theirs = other.signed("id", 80, &addrs, 10);
+        let Trust::Invalid(reason) = check.assess("id", 80, &addrs, Some(&theirs), now) else {
+            panic!("another secret verified");
+        };
+        assert!(
+            reason.contains("another fleet secret") && reason.contains("OPENCODE_MCP_SECRET"),
+            "{reason}"
+        );
+        assert!(!reason.contains(&theirs.sig));
+        // Signed with nothing to sign: invalid too.
+        let none = secret.signed("id", 80, &[], 10);
+        assert!(matches!(
+            check.assess("id", 80, &[], Some(&none), now),
+            Trust::Invalid(_)
+        ));
+        // Age limit, both ways.
+        let aged = TrustCheck {
+            max_age: Some(Duration::from_secs(60)),
+            ..check.clone()
+        };
+        let recent = secret.signed("id", 80, &addrs, 1_000_000 - 30);
+        assert_eq!(
+            aged.assess("id", 80, &addrs, Some(&recent), now),
+            Trust::Signed
+        );
+        assert!(
+            matches!(aged.assess("id", 80, &addrs, Some(&good), now), Trust::Invalid(r) if r.contains("ANNOUNCE_MAX_AGE_S"))
+        );
+        let future = secret.signed("id", 80, &addrs, 1_000_000 + 3600);
+        assert!(matches!(
+            aged.assess("id", 80, &addrs, Some(&future), now),
+            Trust::Invalid(_)
+        ));
+        // Without a secret nothing can be verified.
+        assert_eq!(
+            TrustCheck::default().assess("id", 80, &addrs, Some(&good), now),
+            Trust::Unsigned
+        );
+    }
+
+    #[test]
     fn base_url_brackets_ipv6() {
         let mut e = Endpoint {
             key: "k".into(),
@@ -330,6 +490,8 @@ mod tests {
             reach: Reach::Loopback,
             source: String::new(),
             connected_at: None,
+            trust: Trust::Unsigned,
+            signed_addrs: Vec::new(),
         };
         assert_eq!(e.base_url(), "http://[::1]:4096");
         e.addrs = vec!["127.0.0.1".parse().unwrap()];

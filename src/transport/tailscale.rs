@@ -25,6 +25,9 @@
 //! a reply names that does not belong to the node that sent it), and named
 //! after the node's MagicDNS name when the TXT has no host.
 //!
+//! Signatures are checked over (TXT `id`, SRV port, TXT `addrs`, TXT `at`);
+//! the registry then contacts only node addresses the signature names.
+//!
 //! It must not health-check or talk to OpenCode (the registry does), must not
 //! parse TXT records itself ([`Announcement::from_txt`] does), and never
 //! publishes anything.
@@ -39,6 +42,7 @@ use tokio::sync::mpsc;
 
 use super::{
     Discovery, Endpoint, Feedback, Problem, Reach, Transport, TransportKind, TransportLink,
+    TrustCheck,
 };
 use crate::announce::txt::Announcement;
 use crate::config::Config;
@@ -124,6 +128,8 @@ impl TailscaleOptions {
 pub struct Tailscale {
     /// Settings.
     opts: TailscaleOptions,
+    /// Signature checks (none by default).
+    trust: TrustCheck,
 }
 
 impl Tailscale {
@@ -146,7 +152,16 @@ impl Tailscale {
         if let Some(reason) = status.not_running_reason() {
             return Err(unavailable(reason));
         }
-        Ok(Self { opts })
+        Ok(Self {
+            opts,
+            trust: TrustCheck::default(),
+        })
+    }
+
+    /// Checks announcement signatures with `trust` (the fleet secret).
+    pub fn with_trust(mut self, trust: TrustCheck) -> Self {
+        self.trust = trust;
+        self
     }
 }
 
@@ -156,7 +171,7 @@ impl Transport for Tailscale {
     }
 
     fn run(self: Box<Self>, link: TransportLink) -> BoxFuture<'static, Result<()>> {
-        run(self.opts, link).boxed()
+        run(self.opts, self.trust, link).boxed()
     }
 }
 
@@ -203,6 +218,7 @@ fn endpoint_of(
     peer: &PeerStatus,
     f: &FoundInstance,
     dnssd: SocketAddr,
+    check: &TrustCheck,
 ) -> std::result::Result<Endpoint, String> {
     let txt = f.txt.as_ref().ok_or("no TXT record in the answer")?;
     let port = f.port.ok_or("no SRV record in the answer")?;
@@ -235,6 +251,14 @@ fn endpoint_of(
         reach: Reach::Tailnet,
         source: format!("tailnet {} ({dnssd}) {}", peer.display_name(), f.label),
         connected_at: None,
+        trust: check.assess(
+            &a.id,
+            port,
+            &a.signed_addrs,
+            a.signature.as_ref(),
+            SystemTime::now(),
+        ),
+        signed_addrs: a.signed_addrs.clone(),
     })
 }
 
@@ -258,6 +282,8 @@ struct State {
     answers_tx: mpsc::UnboundedSender<Answer>,
     /// Nodes whose first answer is awaited before `Ready`.
     first_round: Option<BTreeSet<String>>,
+    /// Signature checks.
+    check: TrustCheck,
 }
 
 impl State {
@@ -426,7 +452,7 @@ impl State {
                 node.endpoints.clear();
                 node.bad.clear();
                 for f in &found {
-                    match endpoint_of(&node.peer, f, target) {
+                    match endpoint_of(&node.peer, f, target, &self.check) {
                         Ok(ep) => {
                             node.endpoints.entry(ep.key.clone()).or_insert(ep);
                         }
@@ -532,7 +558,7 @@ impl State {
     }
 }
 
-async fn run(opts: TailscaleOptions, mut link: TransportLink) -> Result<()> {
+async fn run(opts: TailscaleOptions, check: TrustCheck, mut link: TransportLink) -> Result<()> {
     let (answers_tx, mut answers) = mpsc::unbounded_channel();
     let mut st = State {
         opts: opts.clone(),
@@ -544,6 +570,7 @@ async fn run(opts: TailscaleOptions, mut link: TransportLink) -> Result<()> {
         sent_problems: Vec::new(),
         answers_tx,
         first_round: None,
+        check,
     };
     st.refresh().await;
     st.first_round = Some(st.nodes.keys().cloned().collect());
@@ -636,6 +663,7 @@ mod tests {
             &p,
             &found("proj", "id-1", Some("laptop"), &["100.90.1.2"]),
             dnssd(),
+            &TrustCheck::default(),
         )
         .unwrap();
         assert_eq!(ep.key, "id-1");
@@ -650,7 +678,13 @@ mod tests {
     #[test]
     fn magicdns_name_is_the_hostname_when_the_txt_has_none() {
         let p = peer("laptop", &["100.90.1.2"]);
-        let ep = endpoint_of(&p, &found("proj", "id-1", None, &[]), dnssd()).unwrap();
+        let ep = endpoint_of(
+            &p,
+            &found("proj", "id-1", None, &[]),
+            dnssd(),
+            &TrustCheck::default(),
+        )
+        .unwrap();
         assert_eq!(ep.hostname.as_deref(), Some("laptop.tail1234.ts.net"));
         // No A records: the node's own addresses.
         assert_eq!(ep.addrs, vec!["100.90.1.2".parse::<IpAddr>().unwrap()]);
@@ -663,6 +697,7 @@ mod tests {
             &p,
             &found("proj", "id-1", None, &["127.0.0.1", "10.0.0.5"]),
             dnssd(),
+            &TrustCheck::default(),
         )
         .unwrap();
         assert_eq!(ep.addrs, vec!["100.90.1.2".parse::<IpAddr>().unwrap()]);
@@ -674,15 +709,23 @@ mod tests {
         let mut f = found("proj", "id-1", None, &[]);
         f.txt = Some(vec![("foo".into(), "bar".into())]);
         assert!(
-            endpoint_of(&p, &f, dnssd())
+            endpoint_of(&p, &f, dnssd(), &TrustCheck::default())
                 .unwrap_err()
                 .contains("txtvers")
         );
         f.txt = None;
-        assert!(endpoint_of(&p, &f, dnssd()).unwrap_err().contains("TXT"));
+        assert!(
+            endpoint_of(&p, &f, dnssd(), &TrustCheck::default())
+                .unwrap_err()
+                .contains("TXT")
+        );
         let mut f = found("proj", "id-1", None, &[]);
         f.port = None;
-        assert!(endpoint_of(&p, &f, dnssd()).unwrap_err().contains("SRV"));
+        assert!(
+            endpoint_of(&p, &f, dnssd(), &TrustCheck::default())
+                .unwrap_err()
+                .contains("SRV")
+        );
     }
 
     fn state() -> (State, mpsc::UnboundedReceiver<Answer>) {
@@ -705,6 +748,7 @@ mod tests {
             sent_problems: Vec::new(),
             answers_tx: tx,
             first_round: None,
+            check: TrustCheck::default(),
         };
         (st, rx)
     }

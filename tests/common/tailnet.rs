@@ -800,6 +800,7 @@ pub fn helper_main() {
             auth: false,
             tailnet_addrs: vec![addr],
             magic_dns: None,
+            ..Announcement::default()
         };
         let label = format!("{}-{}", a.name, a.id);
         let record = InstanceRecord::new(
