@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use super::view::{Fanout, SessionBrief};
 use crate::opencode::{EventKind, OpenCodeClient, PermissionRequest, StatusMap};
 
+/// How long a stream may stay silent: three missed heartbeats.
+const SILENCE_LIMIT: Duration = Duration::from_secs(35);
+
 /// What a follower tells the registry. `generation` identifies the follower so
 /// that messages from a replaced one are ignored.
 #[derive(Debug)]
@@ -88,7 +91,16 @@ pub(crate) async fn follow(
                 permissions: permissions.unwrap_or_default(),
             });
             synced.store(true, std::sync::atomic::Ordering::Relaxed);
-            while let Some(item) = stream.next().await {
+            // OpenCode sends a heartbeat every 10 s: a silent stream is a
+            // hung instance or a dead connection the kernel has not noticed.
+            while let Some(item) = tokio::time::timeout(SILENCE_LIMIT, stream.next())
+                .await
+                .map_err(|_| crate::Error::Protocol {
+                    url: client.base_url().to_string(),
+                    path: "/event".into(),
+                    detail: format!("no event or heartbeat for {}s", SILENCE_LIMIT.as_secs()),
+                })?
+            {
                 let Some(event) = item? else { continue };
                 match &event.kind {
                     EventKind::Status { session_id, status } => send(FollowerEvent::Status {

@@ -608,6 +608,16 @@ impl State {
                     ));
                 }
             }
+            Err(reason) if inst.stream == Stream::Live && entry.follower.is_some() && inst.is_online() => {
+                // The event stream is connected (and beats every 10 s): the
+                // instance is alive but slow, e.g. busy loading plugins for
+                // its first prompt. Do not abandon work in progress over one
+                // slow answer; a dead instance drops its stream, and a hung one
+                // stops its heartbeats, and either ends the stream.
+                tracing::debug!(instance = %inst.name, %reason, "health check failed while the event stream is live; retrying");
+                entry.next_check = Instant::now() + Duration::from_secs(1);
+                return false;
+            }
             Err(reason) => {
                 entry.failures = entry.failures.saturating_add(1);
                 // Retry quickly at first, then settle at the scan interval.
