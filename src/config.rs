@@ -108,7 +108,6 @@ pub struct Settings {
     pub discovery_interval_ms: u64,
 
     /// Deadline of one health check (`GET /global/health`), in milliseconds.
-    /// Also bounds every other short OpenCode request.
     #[arg(
         long,
         env = "HEALTH_CHECK_TIMEOUT_MS",
@@ -116,6 +115,17 @@ pub struct Settings {
         value_name = "MS"
     )]
     pub health_check_timeout_ms: u64,
+
+    /// Deadline of every other OpenCode request (sessions, messages, status,
+    /// prompt, abort, permissions), in milliseconds. Event streams have none:
+    /// a silent stream is dropped after 35 s without a heartbeat.
+    #[arg(
+        long,
+        env = "REQUEST_TIMEOUT_MS",
+        default_value_t = 15_000,
+        value_name = "MS"
+    )]
+    pub request_timeout_ms: u64,
 
     /// How long `send` follows a prompt before it returns what it has, in
     /// milliseconds.
@@ -255,8 +265,10 @@ pub struct Config {
     pub relay_dir: PathBuf,
     /// Rescan / health re-check period.
     pub discovery_interval: Duration,
-    /// Deadline of one health check and of short API calls.
+    /// Deadline of one health check.
     pub health_timeout: Duration,
+    /// Deadline of other API calls.
+    pub request_timeout: Duration,
     /// How long `send` waits for a reply.
     pub send_timeout: Duration,
     /// Grace period before an unreachable instance or unreadable file is dropped.
@@ -350,6 +362,7 @@ impl Config {
                 3_000,
                 10,
             )?,
+            request_timeout: ms("REQUEST_TIMEOUT_MS", s.request_timeout_ms, 15_000, 10)?,
             send_timeout: ms("SEND_TIMEOUT_MS", s.send_timeout_ms, 300_000, 10)?,
             prune_after: Duration::from_millis(s.prune_after_ms),
             credentials,

@@ -43,7 +43,7 @@ pub enum Error {
     },
 
     /// The OpenCode server did not answer within the deadline.
-    #[error("OpenCode at {url} did not answer within {}ms; it may be hung or overloaded (raise HEALTH_CHECK_TIMEOUT_MS if it is just slow)", .after.as_millis())]
+    #[error("OpenCode at {url} did not answer within {}ms; it may be hung or overloaded (if it is just slow, raise HEALTH_CHECK_TIMEOUT_MS for health checks or REQUEST_TIMEOUT_MS for other calls)", .after.as_millis())]
     Timeout {
         /// Base URL that was tried.
         url: String,

@@ -83,7 +83,7 @@ impl Registry {
         }
         let http = http_client(config.health_timeout)?;
         let limits = ClientLimits {
-            timeout: config.health_timeout.max(Duration::from_secs(1)),
+            timeout: config.request_timeout,
             max_body_bytes: config.max_response_bytes,
             max_event_bytes: config.max_event_bytes,
         };
