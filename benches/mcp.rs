@@ -12,7 +12,6 @@
 //!    succeeds, with no `instances` call;
 //! 4. the server's RSS (VmRSS, VmHWM) after the workload.
 
-#[allow(dead_code)]
 #[path = "../tests/common/fake_opencode.rs"]
 mod fake_opencode;
 

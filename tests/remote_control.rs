@@ -198,7 +198,7 @@ async fn wait_any_and_all_over_two_instances_and_diff_after_an_edit() {
     let (text, is_error, out) = server
         .call_text(
             "wait",
-            json!({"targets": targets, "mode": "any", "timeout_ms": 30000}),
+            json!({"targets": targets, "mode": "any", "timeout_ms": 120000}),
         )
         .await;
     assert!(!is_error, "{text}");
@@ -222,7 +222,7 @@ async fn wait_any_and_all_over_two_instances_and_diff_after_an_edit() {
     let (text, is_error, out) = server
         .call_text(
             "wait",
-            json!({"targets": targets, "mode": "all", "timeout_ms": 60000}),
+            json!({"targets": targets, "mode": "all", "timeout_ms": 120000}),
         )
         .await;
     assert!(!is_error, "{text}");

@@ -208,13 +208,10 @@ impl OpenCodeMcp {
         &self,
         Parameters(args): Parameters<AbortArgs>,
     ) -> Result<CallToolResult, McpError> {
-        let inst =
-            match resolve::instance(&self.registry, &args.instance, self.config.health_timeout)
-                .await
-            {
-                Ok(i) => i,
-                Err(e) => return Ok(fail(e)),
-            };
+        let inst = match self.online_instance(&args.instance).await {
+            Ok(i) => i,
+            Err(refusal) => return Ok(refusal),
+        };
         Ok(self.abort_session(&inst, args.session_id.as_deref()).await)
     }
 
@@ -269,13 +266,10 @@ impl OpenCodeMcp {
         &self,
         Parameters(args): Parameters<ReplyArgs>,
     ) -> Result<CallToolResult, McpError> {
-        let inst =
-            match resolve::instance(&self.registry, &args.instance, self.config.health_timeout)
-                .await
-            {
-                Ok(i) => i,
-                Err(e) => return Ok(fail(e)),
-            };
+        let inst = match self.online_instance(&args.instance).await {
+            Ok(i) => i,
+            Err(refusal) => return Ok(refusal),
+        };
         match inst
             .client
             .reply_permission(&args.request_id, args.reply, args.message.as_deref())
@@ -410,13 +404,10 @@ impl OpenCodeMcp {
         &self,
         Parameters(args): Parameters<DiffArgs>,
     ) -> Result<CallToolResult, McpError> {
-        let inst =
-            match resolve::instance(&self.registry, &args.instance, self.config.health_timeout)
-                .await
-            {
-                Ok(i) => i,
-                Err(e) => return Ok(fail(e)),
-            };
+        let inst = match self.online_instance(&args.instance).await {
+            Ok(i) => i,
+            Err(refusal) => return Ok(refusal),
+        };
         let session =
             match resolve::session(&inst.client, &inst.name, args.session_id.as_deref()).await {
                 Ok(Some(s)) => s,

@@ -9,8 +9,8 @@ use rmcp::{ErrorData as McpError, tool, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::OpenCodeMcp;
 use super::format::{ago, fail, ok};
-use super::{OpenCodeMcp, resolve};
 use crate::registry::{Health, Instance, Stream, View};
 use crate::transport::{Reach, TransportKind};
 
@@ -311,13 +311,10 @@ impl OpenCodeMcp {
         &self,
         Parameters(args): Parameters<SessionsArgs>,
     ) -> Result<CallToolResult, McpError> {
-        let inst =
-            match resolve::instance(&self.registry, &args.instance, self.config.health_timeout)
-                .await
-            {
-                Ok(i) => i,
-                Err(e) => return Ok(fail(e)),
-            };
+        let inst = match self.online_instance(&args.instance).await {
+            Ok(i) => i,
+            Err(refusal) => return Ok(refusal),
+        };
         let limit = args
             .limit
             .map(|l| l.clamp(1.0, 1000.0) as usize)

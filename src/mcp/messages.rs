@@ -188,13 +188,10 @@ impl OpenCodeMcp {
         &self,
         Parameters(args): Parameters<ReadArgs>,
     ) -> Result<CallToolResult, McpError> {
-        let inst =
-            match resolve::instance(&self.registry, &args.instance, self.config.health_timeout)
-                .await
-            {
-                Ok(i) => i,
-                Err(e) => return Ok(fail(e)),
-            };
+        let inst = match self.online_instance(&args.instance).await {
+            Ok(i) => i,
+            Err(refusal) => return Ok(refusal),
+        };
         let name = inst.name.clone();
         let limit = args
             .message_limit
@@ -290,13 +287,10 @@ impl OpenCodeMcp {
         ctx: RequestContext<RoleServer>,
         posted: &AtomicBool,
     ) -> Result<CallToolResult, McpError> {
-        let inst =
-            match resolve::instance(&self.registry, &args.instance, self.config.health_timeout)
-                .await
-            {
-                Ok(i) => i,
-                Err(e) => return Ok(fail(e)),
-            };
+        let inst = match self.online_instance(&args.instance).await {
+            Ok(i) => i,
+            Err(refusal) => return Ok(refusal),
+        };
         if args.abort {
             return Ok(self.abort_session(&inst, args.session_id.as_deref()).await);
         }

@@ -18,9 +18,9 @@ use std::sync::Arc;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::model::{
-    Implementation, ListResourcesResult, PaginatedRequestParams, ReadResourceRequestParams,
-    ReadResourceResponse, ServerCapabilities, ServerConfig, SubscribeRequestParams,
-    UnsubscribeRequestParams,
+    CallToolResult, Implementation, ListResourcesResult, PaginatedRequestParams,
+    ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig,
+    SubscribeRequestParams, UnsubscribeRequestParams,
 };
 use rmcp::service::{NotificationContext, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt, tool_handler};
@@ -28,7 +28,7 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt, tool_ha
 pub use instances::{InstancesOutput, instances_output, instances_text};
 
 use crate::config::Config;
-use crate::registry::Registry;
+use crate::registry::{Instance, Registry};
 
 /// The MCP server state: a registry handle and the configuration.
 #[derive(Clone)]
@@ -57,6 +57,16 @@ impl OpenCodeMcp {
             subscriptions: Default::default(),
             requests: Default::default(),
         }
+    }
+}
+
+impl OpenCodeMcp {
+    /// Resolves a tool's `instance` argument to an online, trusted instance,
+    /// or the tool result that explains why not.
+    async fn online_instance(&self, query: &str) -> Result<Arc<Instance>, CallToolResult> {
+        resolve::instance(&self.registry, query, self.config.health_timeout)
+            .await
+            .map_err(format::fail)
     }
 }
 

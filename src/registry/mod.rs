@@ -608,7 +608,9 @@ impl State {
                     ));
                 }
             }
-            Err(reason) if inst.stream == Stream::Live && entry.follower.is_some() && inst.is_online() => {
+            Err(reason)
+                if inst.stream == Stream::Live && entry.follower.is_some() && inst.is_online() =>
+            {
                 // The event stream is connected (and beats every 10 s): the
                 // instance is alive but slow, e.g. busy loading plugins for
                 // its first prompt. Do not abandon work in progress over one

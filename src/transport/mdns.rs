@@ -34,6 +34,7 @@
 //! must not parse `_opencode._tcp` TXT records itself, and never advertises
 //! anything.
 
+use crate::dnssd::is_tailnet;
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
@@ -336,20 +337,6 @@ fn short_host(host: &str) -> Option<String> {
         .or_else(|| h.strip_suffix(".LOCAL"))
         .unwrap_or(h);
     (!h.is_empty()).then(|| h.to_string())
-}
-
-/// True for Tailscale's ranges: 100.64.0.0/10 and fd7a:115c:a1e0::/48.
-fn is_tailnet(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v) => {
-            let o = v.octets();
-            o[0] == 100 && (o[1] & 0xC0) == 64
-        }
-        IpAddr::V6(v) => {
-            let s = v.segments();
-            s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0
-        }
-    }
 }
 
 fn is_v6_link_local(ip: &IpAddr) -> bool {
