@@ -203,7 +203,7 @@ pub enum LineCapError<E> {
     #[error("{0}")]
     Inner(E),
     /// A line exceeded the cap.
-    #[error("event-stream line longer than {0} bytes")]
+    #[error("event-stream line longer than {0} bytes (MAX_EVENT_BYTES)")]
     TooLong(usize),
 }
 
