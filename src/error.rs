@@ -85,7 +85,9 @@ pub enum Error {
     },
 
     /// A response was larger than the configured cap.
-    #[error("answer from {url}{path} exceeds the {limit}-byte limit (MAX_RESPONSE_BYTES); refusing to read more")]
+    #[error(
+        "answer from {url}{path} exceeds the {limit}-byte limit (MAX_RESPONSE_BYTES); refusing to read more"
+    )]
     TooLarge {
         /// Base URL.
         url: String,
