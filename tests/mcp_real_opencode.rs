@@ -217,12 +217,10 @@ async fn drive_real_opencode(password: Option<&str>) {
     }
 }
 
+// One test, two runs in a row: each real OpenCode takes ~400 MB and most of a
+// core while it loads; two at once on a 2-core machine starve each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drives_real_opencode_over_mcp_without_password() {
+async fn drives_real_opencode_over_mcp_without_and_with_password() {
     drive_real_opencode(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drives_real_opencode_over_mcp_with_password() {
     drive_real_opencode(Some("s3cret-pw")).await;
 }
