@@ -37,12 +37,38 @@ fuzz_target!(|data: &[u8]| {
     let cap = 16 + usize::from(*cap_sel) * 64;
     let max_chunk = usize::from(*chunk_sel) + 1;
 
-    // The guard alone: it fails iff a line is longer than the cap.
-    let longest = stream
-        .split(|b| *b == b'\n' || *b == b'\r')
-        .map(<[u8]>::len)
-        .max()
-        .unwrap_or(0);
+    // The guard alone: it fails iff a line, or an event (non-empty lines up
+    // to a blank line; terminators \r\n, \n, \r), is longer than the cap,
+    // whatever the chunking.
+    let longest = {
+        let text: Vec<u8> = stream.to_vec();
+        let mut lines: Vec<usize> = Vec::new();
+        let mut i = 0;
+        let mut cur = 0;
+        while i < text.len() {
+            match text[i] {
+                b'\r' if text.get(i + 1) == Some(&b'\n') => {
+                    lines.push(cur);
+                    cur = 0;
+                    i += 1;
+                }
+                b'\r' | b'\n' => {
+                    lines.push(cur);
+                    cur = 0;
+                }
+                _ => cur += 1,
+            }
+            i += 1;
+        }
+        lines.push(cur);
+        let mut longest = 0;
+        let mut event = 0;
+        for l in lines {
+            event = if l == 0 { 0 } else { event + l };
+            longest = longest.max(event);
+        }
+        longest
+    };
     let guarded: Vec<_> = futures::executor::block_on(
         LineCap::new(futures::stream::iter(chunks(stream, max_chunk)), cap).collect::<Vec<_>>(),
     );
@@ -50,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(
         failed,
         longest > cap,
-        "LineCap verdict is wrong (cap {cap}, longest line {longest})"
+        "LineCap verdict is wrong (cap {cap}, longest event {longest})"
     );
 
     // The whole pipeline, stopping at the first error as the client does.

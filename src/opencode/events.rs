@@ -178,13 +178,20 @@ fn decode(kind: &str, p: &Value) -> EventKind {
     parsed().unwrap_or(EventKind::Other)
 }
 
-/// Fails a byte stream whose lines grow past `max` bytes, so the SSE parser
-/// never buffers an endless line.
+/// Fails a byte stream whose lines, or events (runs of non-empty lines up to
+/// a blank line), grow past `max` bytes, so the SSE parser never buffers
+/// without bound: `eventsource-stream` joins an event's `data:` lines, so a
+/// line cap alone would not bound memory. Line terminators are `\r\n`, `\n`
+/// and `\r`, as in the SSE specification; they are not counted.
 pub struct LineCap<S> {
     /// The wrapped stream.
     inner: S,
-    /// Bytes since the last newline.
-    run: usize,
+    /// Bytes of the current line.
+    line: usize,
+    /// Bytes of the current event.
+    event: usize,
+    /// The previous byte was `\r` (so a following `\n` ends nothing new).
+    after_cr: bool,
     /// The cap.
     max: usize,
 }
@@ -192,11 +199,45 @@ pub struct LineCap<S> {
 impl<S> LineCap<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, max: usize) -> Self {
-        Self { inner, run: 0, max }
+        Self {
+            inner,
+            line: 0,
+            event: 0,
+            after_cr: false,
+            max,
+        }
+    }
+
+    /// Accounts for one chunk; the error says which limit was crossed.
+    fn scan<E>(&mut self, chunk: &[u8]) -> Result<(), LineCapError<E>> {
+        for &b in chunk {
+            match b {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\n' | b'\r' => {
+                    if self.line == 0 {
+                        self.event = 0;
+                    }
+                    self.line = 0;
+                    self.after_cr = b == b'\r';
+                }
+                _ => {
+                    self.after_cr = false;
+                    self.line += 1;
+                    self.event += 1;
+                    if self.line > self.max {
+                        return Err(LineCapError::TooLong(self.max));
+                    }
+                    if self.event > self.max {
+                        return Err(LineCapError::EventTooLong(self.max));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
-/// The line guard's error.
+/// The guard's error.
 #[derive(Debug, thiserror::Error)]
 pub enum LineCapError<E> {
     /// The underlying stream failed.
@@ -205,6 +246,9 @@ pub enum LineCapError<E> {
     /// A line exceeded the cap.
     #[error("event-stream line longer than {0} bytes (MAX_EVENT_BYTES)")]
     TooLong(usize),
+    /// An event (several lines) exceeded the cap.
+    #[error("event-stream event longer than {0} bytes (MAX_EVENT_BYTES)")]
+    EventTooLong(usize),
 }
 
 impl<S, E> Stream for LineCap<S>
@@ -215,30 +259,10 @@ where
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match Pin::new(&mut self.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                match chunk.iter().rposition(|b| *b == b'\n' || *b == b'\r') {
-                    Some(i) => {
-                        let longest_inside = chunk[..i]
-                            .split(|b| *b == b'\n' || *b == b'\r')
-                            .map(<[u8]>::len)
-                            .max()
-                            .unwrap_or(0);
-                        let first = chunk
-                            .iter()
-                            .position(|b| *b == b'\n' || *b == b'\r')
-                            .unwrap_or(0);
-                        if self.run + first > self.max || longest_inside > self.max {
-                            return Poll::Ready(Some(Err(LineCapError::TooLong(self.max))));
-                        }
-                        self.run = chunk.len() - i - 1;
-                    }
-                    None => self.run += chunk.len(),
-                }
-                if self.run > self.max {
-                    return Poll::Ready(Some(Err(LineCapError::TooLong(self.max))));
-                }
-                Poll::Ready(Some(Ok(chunk)))
-            }
+            Poll::Ready(Some(Ok(chunk))) => match self.scan(&chunk) {
+                Ok(()) => Poll::Ready(Some(Ok(chunk))),
+                Err(e) => Poll::Ready(Some(Err(e))),
+            },
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(LineCapError::Inner(e)))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
