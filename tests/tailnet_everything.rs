@@ -264,7 +264,7 @@ async fn lan_and_tailnet_tailnet_only_and_relay_only_are_one_entry_each_with_the
 
     // 1: on A, one OpenCode on 0.0.0.0 (LAN and tailnet address), mDNS + tailnet.
     let fake1 = FakeOpenCode::builder()
-        .directory("/work/both")
+        .directory("/srv/both")
         .start()
         .await;
     let fwd1 = Forward::start(
@@ -292,7 +292,7 @@ async fn lan_and_tailnet_tailnet_only_and_relay_only_are_one_entry_each_with_the
     let ann1 = Announcement {
         id: "inst-both".into(),
         name: "both".into(),
-        cwd: Some("/work/both".into()),
+        cwd: Some("/srv/both".into()),
         version: Some("1.0.0-fake".into()),
         auth: false,
         ..Announcement::default()
@@ -301,7 +301,7 @@ async fn lan_and_tailnet_tailnet_only_and_relay_only_are_one_entry_each_with_the
 
     // 2: on C, published only for the tailnet.
     let fake2 = FakeOpenCode::builder()
-        .directory("/work/tail-only")
+        .directory("/srv/tail-only")
         .start()
         .await;
     let fwd2 = Forward::start(&net.node(C).ns, (net.node(C).v4, 0).into(), fake2.addr());
@@ -323,7 +323,7 @@ async fn lan_and_tailnet_tailnet_only_and_relay_only_are_one_entry_each_with_the
 
     // 3: a tunnel ending on B's loopback, registered in B's relay dir.
     let fake3 = FakeOpenCode::builder()
-        .directory("/work/relayed")
+        .directory("/srv/relayed")
         .start()
         .await;
     let fwd3 = Forward::start(
@@ -335,7 +335,7 @@ async fn lan_and_tailnet_tailnet_only_and_relay_only_are_one_entry_each_with_the
     relay.write_registration(
         "relayed",
         json!({"name": "relayed", "hostname": "far-box", "port": fwd3.port, "localPort": 4096,
-               "id": "inst-relay", "cwd": "/work/relayed", "connectedAt": iso_utc_now()}),
+               "id": "inst-relay", "cwd": "/srv/relayed", "connectedAt": iso_utc_now()}),
     );
 
     let bin = common::netns::opencode_mcp_bin();

@@ -421,7 +421,7 @@ async fn one_instance_over_tailnet_and_relay_is_one_entry_that_prefers_the_tailn
     let tunnel = tunnel_in(&net.node(B).ns, (net.node(A).v4, oc_port).into());
     relay.write_registration(
         "both",
-        json!({"name": "both", "port": tunnel, "id": "inst-both", "hostname": "node-a", "cwd": "/work/both"}),
+        json!({"name": "both", "port": tunnel, "id": "inst-both", "hostname": "node-a", "cwd": "/srv/both"}),
     );
     // And an instance only the relay knows, served on B itself.
     let only = net.run_in(B, || {
@@ -431,7 +431,7 @@ async fn one_instance_over_tailnet_and_relay_is_one_entry_that_prefers_the_tailn
     common::netns::serve_fake_opencode(only, "1.0.0-relay", false);
     relay.write_registration(
         "relay-only",
-        json!({"name": "relay-only", "port": only_port, "id": "inst-relay", "cwd": "/work/r"}),
+        json!({"name": "relay-only", "port": only_port, "id": "inst-relay", "cwd": "/srv/r"}),
     );
 
     let bin = common::netns::opencode_mcp_bin();

@@ -3,7 +3,7 @@
 //! [`FakeOpenCode`] runs in-process (axum) on an ephemeral `127.0.0.1` port and
 //! emulates the parts of OpenCode's legacy HTTP API an MCP server needs:
 //! health, sessions, status, messages, `prompt_async` with a streamed reply on
-//! `/event`, abort and permissions (see `/work/shared/reference/opencode-api.md`).
+//! `/event`, abort and permissions (as documented in OpenCode 1.18.33's API).
 //! Its [`Behaviour`] can be switched at runtime to inject faults, and
 //! [`FakeOpenCode::die`] drops the listener and every open connection at once,
 //! the way a killed process would.

@@ -777,7 +777,7 @@ pub fn helper_main() {
             Ok(p) => p,
             Err(_) => {
                 let fake = super::fake_opencode::FakeOpenCode::builder()
-                    .directory(&format!("/work/{}", env("OCT_TN_NAME")))
+                    .directory(&format!("/srv/{}", env("OCT_TN_NAME")))
                     .start()
                     .await;
                 let listener = tokio::net::TcpListener::bind(SocketAddr::new(addr, 0))
@@ -794,7 +794,7 @@ pub fn helper_main() {
             id: env("OCT_TN_ID"),
             name: env("OCT_TN_NAME"),
             hostname: (!host.is_empty()).then_some(host),
-            cwd: Some(format!("/work/{}", env("OCT_TN_NAME"))),
+            cwd: Some(format!("/srv/{}", env("OCT_TN_NAME"))),
             version: Some("1.0.0-fake".into()),
             pid: Some(std::process::id()),
             auth: false,
