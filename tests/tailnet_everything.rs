@@ -263,10 +263,7 @@ async fn lan_and_tailnet_tailnet_only_and_relay_only_are_one_entry_each_with_the
     let (dir_a, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
 
     // 1: on A, one OpenCode on 0.0.0.0 (LAN and tailnet address), mDNS + tailnet.
-    let fake1 = FakeOpenCode::builder()
-        .directory("/srv/both")
-        .start()
-        .await;
+    let fake1 = FakeOpenCode::builder().directory("/srv/both").start().await;
     let fwd1 = Forward::start(
         &net.node(A).ns,
         (Ipv4Addr::UNSPECIFIED, 0).into(),
