@@ -7,15 +7,12 @@
 
 mod common;
 
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::os::fd::AsRawFd;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    Mcp, Netns, Proc, TempDir, helper_command, helper_role, park_forever, poll, require_root,
-    serve_fake_opencode,
+    Mcp, Netns, Proc, TempDir, helper_command, helper_role, in_netns, park_forever, poll,
+    require_root, serve_fake_opencode,
 };
 use mdns_sd::{ServiceDaemon, ServiceInfo};
 use opencode_mcp::announce::txt::{Announcement, SERVICE_TYPE};
@@ -23,23 +20,6 @@ use serde_json::Value;
 
 /// Name of the helper test below (run by [`helper_command`]).
 const HELPER: &str = "netns_helper";
-
-/// Runs `f` on a thread that first moves into network namespace `ns`; threads
-/// `f` starts (mdns-sd's daemon thread) stay in that namespace.
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|s| {
-        s.spawn(|| {
-            let file = File::open(format!("/run/netns/{ns}"))
-                .unwrap_or_else(|e| panic!("open /run/netns/{ns}: {e}"));
-            // SAFETY: setns(2) on a valid namespace fd; it affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in namespace panicked")
-    })
-}
 
 /// An mdns-sd daemon running inside a namespace; shut down (goodbyes) on drop.
 struct Publisher {

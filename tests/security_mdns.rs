@@ -15,17 +15,15 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::netns::{Mcp, Netns, Proc, poll, require_root, skip, workspace_root};
+use common::netns::{Mcp, Netns, Proc, in_netns, poll, require_root, skip, workspace_root};
 use opencode_mcp::announce::txt::Announcement;
 use opencode_mcp::secret::FleetSecret;
 use serde_json::{Value, json};
@@ -72,23 +70,6 @@ fn require_python_zeroconf() -> Option<PathBuf> {
         return None;
     }
     Some(python)
-}
-
-/// Runs `f` on a thread inside network namespace `ns` (sockets it creates
-/// belong to that namespace, whichever thread uses them later).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|s| {
-        s.spawn(|| {
-            let file = File::open(format!("/run/netns/{ns}"))
-                .unwrap_or_else(|e| panic!("open /run/netns/{ns}: {e}"));
-            // SAFETY: setns(2) on a valid namespace fd; it affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in namespace panicked")
-    })
 }
 
 /// One request as the recorder saw it.

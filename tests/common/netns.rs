@@ -1214,3 +1214,22 @@ pub fn serve_fake_opencode(listener: std::net::TcpListener, version: &str, requi
         }
     });
 }
+
+/// Runs `f` on a scoped thread that first moves into network namespace `ns`
+/// (setns on that thread only). Sockets created there belong to `ns`, and
+/// threads `f` starts (mdns-sd's daemon thread) stay in it.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    thread::scope(|s| {
+        s.spawn(|| {
+            let file = fs::File::open(format!("/run/netns/{ns}"))
+                .unwrap_or_else(|e| panic!("open /run/netns/{ns}: {e}"));
+            // SAFETY: setns(2) on a valid namespace fd; it affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in namespace panicked")
+    })
+}
