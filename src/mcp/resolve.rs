@@ -92,7 +92,7 @@ pub fn match_instance(view: &View, query: &str) -> Result<Arc<Instance>, String>
     let subs: Vec<&Arc<Instance>> = view
         .instances
         .iter()
-        .filter(|i| i.name.to_lowercase().contains(&q))
+        .filter(|i| contains_ignore_case(&i.name, &q))
         .collect();
     match subs.len() {
         1 => Ok(subs[0].clone()),
@@ -125,6 +125,17 @@ pub fn match_instance(view: &View, query: &str) -> Result<Arc<Instance>, String>
     }
 }
 
+/// Whether `hay` contains `needle_lower` (already lower-cased), ignoring
+/// case. Names are nearly always ASCII: compare in place then, since a
+/// fleet of a thousand would otherwise allocate a thousand strings per call.
+pub fn contains_ignore_case(hay: &str, needle_lower: &str) -> bool {
+    if hay.is_ascii() && needle_lower.is_ascii() {
+        let (h, n) = (hay.as_bytes(), needle_lower.as_bytes());
+        return n.is_empty() || h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n));
+    }
+    hay.to_lowercase().contains(needle_lower)
+}
+
 /// Finds the session: `query` (id, id prefix or title substring) or, without
 /// it, the most recently updated top-level session. `Ok(None)`: no sessions.
 pub async fn session(
@@ -155,7 +166,7 @@ pub async fn session(
     let ql = q.to_lowercase();
     let by_title: Vec<&Session> = sessions
         .iter()
-        .filter(|s| s.title.to_lowercase().contains(&ql))
+        .filter(|s| contains_ignore_case(&s.title, &ql))
         .collect();
     match by_title.len() {
         1 => Ok(Some(by_title[0].clone())),
@@ -171,5 +182,22 @@ pub async fn session(
                 .collect::<Vec<_>>()
                 .join(", ")
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains_ignore_case;
+
+    #[test]
+    fn substring_match_ignores_case_for_ascii_and_unicode_names() {
+        assert!(contains_ignore_case("Laptop-Main", "laptop"));
+        assert!(contains_ignore_case("Laptop-Main", "p-ma"));
+        assert!(contains_ignore_case("anything", ""));
+        assert!(!contains_ignore_case("Laptop", "desk"));
+        assert!(!contains_ignore_case("lap", "laptop"));
+        assert!(contains_ignore_case("Büro-Rechner", "büro"));
+        assert!(contains_ignore_case("ÉTÉ", "été"));
+        assert!(!contains_ignore_case("Büro", "buro"));
     }
 }

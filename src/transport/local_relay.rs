@@ -146,6 +146,7 @@ async fn run(relay: LocalRelay, mut link: TransportLink) -> Result<()> {
                 let mut paths: HashSet<PathBuf> = HashSet::new();
                 let mut full = false;
                 let note = |ev: notify::Result<notify::Event>, paths: &mut HashSet<PathBuf>, full: &mut bool| match ev {
+                    Ok(ev) if is_read_only(&ev.kind) => {}
                     Ok(ev) => {
                         if matches!(ev.kind, EventKind::Other) || ev.need_rescan() || ev.paths.is_empty() {
                             *full = true;
@@ -527,6 +528,24 @@ impl Scanner {
 }
 
 /// Registration files are `*.json`; dot-files are writers' temp files.
+/// Whether an inotify event only says that something was opened or read.
+/// notify watches IN_OPEN and IN_CLOSE_NOWRITE too, and every scan opens the
+/// directory and reads files: acting on those would make each scan trigger
+/// the next, a busy loop. A finished write is `Close(Write)` and still counts.
+fn is_read_only(kind: &EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_)
+                | AccessKind::Read
+                | AccessKind::Close(AccessMode::Read | AccessMode::Execute)
+                | AccessKind::Any
+                | AccessKind::Other
+        )
+    )
+}
+
 fn is_candidate(name: &Path) -> bool {
     let s = name.as_os_str().as_encoded_bytes();
     name.extension() == Some(OsStr::new("json")) && !s.starts_with(b".") && s.len() > 5
@@ -583,5 +602,71 @@ mod tests {
         assert!(!is_candidate(Path::new(".a.json")));
         assert!(!is_candidate(Path::new("a.txt")));
         assert!(!is_candidate(Path::new(".json")));
+    }
+
+    /// What the scanner itself does (list the directory, read a file) must
+    /// not look like a change, or each scan would trigger the next; a write
+    /// must. The events are real inotify events, in the order they happened.
+    #[test]
+    fn our_own_reads_are_not_changes_but_writes_are() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.json");
+        fs::write(&file, b"{}").expect("write");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(move |ev| {
+            let _ = tx.send(ev);
+        })
+        .expect("inotify");
+        watcher
+            .watch(dir.path(), RecursiveMode::NonRecursive)
+            .expect("watch");
+
+        // What a scan does.
+        let listed = fs::read_dir(dir.path()).expect("read_dir").count();
+        assert_eq!(listed, 1);
+        assert_eq!(fs::read(&file).expect("read"), b"{}");
+        // Then a real change, whose closing write ends the sequence.
+        fs::write(dir.path().join("b.json"), b"{}").expect("write");
+
+        let mut from_reads = Vec::new();
+        let mut from_write = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ev = rx
+                .recv_timeout(left)
+                .expect("inotify events within 10 s")
+                .expect("event");
+            let is_b = ev.paths.iter().any(|p| p.ends_with("b.json"));
+            let done = is_b
+                && matches!(
+                    ev.kind,
+                    EventKind::Access(notify::event::AccessKind::Close(
+                        notify::event::AccessMode::Write
+                    ))
+                );
+            if is_b {
+                from_write.push(ev.kind);
+            } else {
+                from_reads.push(ev.kind);
+            }
+            if done {
+                break;
+            }
+        }
+        assert!(
+            !from_reads.is_empty(),
+            "inotify reports opens and reads (IN_OPEN, IN_CLOSE_NOWRITE)"
+        );
+        assert!(
+            from_reads.iter().all(is_read_only),
+            "reads taken for changes: {from_reads:?}"
+        );
+        // The write's create, modify and close-after-write all count.
+        let counted: Vec<&EventKind> = from_write.iter().filter(|k| !is_read_only(k)).collect();
+        assert!(
+            counted.len() >= 2 && counted.iter().any(|k| matches!(k, EventKind::Create(_))),
+            "a write ignored: {from_write:?}"
+        );
     }
 }
