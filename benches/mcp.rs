@@ -47,16 +47,39 @@ impl Stats {
     }
 }
 
+/// With BENCH_SERVER_LOG=<dir>, each server logs at debug level to a file
+/// in <dir> (for finding where time goes; it slows the server down).
+fn server_stderr() -> (String, std::process::Stdio) {
+    let Some(dir) = std::env::var_os("BENCH_SERVER_LOG") else {
+        return ("error".into(), std::process::Stdio::null());
+    };
+    let path = Path::new(&dir).join(format!(
+        "server-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0)
+    ));
+    match std::fs::File::create(&path) {
+        Ok(f) => ("opencode_mcp=debug".into(), f.into()),
+        Err(e) => panic!("BENCH_SERVER_LOG: cannot create {}: {e}", path.display()),
+    }
+}
+
 async fn spawn(relay: &Path) -> (RunningService<RoleClient, ()>, u32, f64) {
+    let (log, stderr) = server_stderr();
     let cmd = tokio::process::Command::new(SERVER).configure(|c| {
         c.env("RELAY_REGISTRY_DIR", relay)
             .env("TRANSPORT", "local-relay")
-            .env("RUST_LOG", "error")
-            .env("HEALTH_CHECK_TIMEOUT_MS", "3000")
-            .stderr(std::process::Stdio::null());
+            .env("RUST_LOG", log)
+            .env("HEALTH_CHECK_TIMEOUT_MS", "3000");
     });
     let t0 = Instant::now();
-    let child = TokioChildProcess::new(cmd).expect("spawn opencode-mcp");
+    // The builder: `TokioChildProcess::new` would let stderr through.
+    let (child, _) = TokioChildProcess::builder(cmd)
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn opencode-mcp");
     let pid = child.id().unwrap_or(0);
     let client = ().serve(child).await.expect("initialize");
     (client, pid, t0.elapsed().as_secs_f64() * 1000.0)
@@ -79,6 +102,21 @@ fn write_atomic(dir: &Path, stem: &str, body: &Value) {
     let tmp = dir.join(format!(".{stem}.tmp"));
     std::fs::write(&tmp, body.to_string()).expect("write");
     std::fs::rename(&tmp, dir.join(format!("{stem}.json"))).expect("rename");
+}
+
+/// CPU time the process has used (user + system), in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces): utime and
+    // stime are the 12th and 13th.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum()
 }
 
 fn rss_kb(pid: u32) -> (u64, u64) {
@@ -158,8 +196,7 @@ async fn main() {
         let (_, out) = call(&client, "instances", json!({})).await;
         let online = out
             .as_ref()
-            .and_then(|v| v["instances"].as_array())
-            .map(|a| a.iter().filter(|i| i["status"] == "online").count())
+            .and_then(|v| v["counts"]["online"].as_u64())
             .unwrap_or(0);
         if online == 900 || t0.elapsed() > Duration::from_secs(30) {
             println!(
@@ -170,14 +207,33 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut inst = Stats(vec![]);
-    for _ in 0..100 {
-        let t = Instant::now();
-        let (ok, _) = call(&client, "instances", json!({})).await;
-        assert!(ok);
-        inst.0.push(t.elapsed().as_secs_f64() * 1000.0);
+    // The call a client makes (no arguments: the first page, 50 instances,
+    // with counts over all 1000), then the whole fleet in one answer.
+    for (what, args) in [
+        ("instances, 1000 registrations (100 hang)", json!({})),
+        (
+            "instances limit=1000 (whole fleet in one answer)",
+            json!({"limit": 1000}),
+        ),
+    ] {
+        let mut inst = Stats(vec![]);
+        for _ in 0..100 {
+            let t = Instant::now();
+            let (ok, out) = call(&client, "instances", args.clone()).await;
+            assert!(ok);
+            inst.0.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(out.map(|o| o["counts"]["total"].clone()), Some(json!(1000)));
+        }
+        inst.line(what);
     }
-    inst.line("instances, 1000 registrations (100 hang)");
+
+    // Idle cost: nothing asked, 900 event streams open (heartbeats every 10 s).
+    let ticks = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    println!(
+        "server CPU while idle with 1000 registrations: {} ticks (10 ms each) over 10 s",
+        cpu_ticks(pid) - ticks
+    );
 
     // 3. new registration file → read succeeds, no instances call.
     let mut usable = Stats(vec![]);
@@ -185,6 +241,9 @@ async fn main() {
         let fake = FakeOpenCode::start(Behaviour::Healthy).await;
         fake.create_session(Some("bench"));
         let name = format!("fresh-{round}");
+        let t0_wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let t = Instant::now();
         write_atomic(
             relay.path(),
@@ -202,6 +261,13 @@ async fn main() {
             }
         }
         usable.0.push(t.elapsed().as_secs_f64() * 1000.0);
+        if std::env::var_os("BENCH_SERVER_LOG").is_some() {
+            println!(
+                "  {name}: written at {:?}, read ok after {:?}",
+                t0_wall,
+                t.elapsed()
+            );
+        }
         std::fs::remove_file(relay.path().join(format!("{name}.json"))).ok();
         fakes.push(fake);
     }

@@ -68,7 +68,7 @@ async fn run(command: Option<Command>, config: Config) -> anyhow::Result<()> {
                             .all(|i| !i.is_online() || i.stream == Stream::Live)
                 })
                 .await;
-            let out = mcp::instances_output(&view);
+            let out = mcp::instances_output(&view, &mcp::Selection::all());
             if json {
                 println!(
                     "{}",

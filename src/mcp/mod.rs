@@ -25,7 +25,7 @@ use rmcp::model::{
 use rmcp::service::{NotificationContext, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt, tool_handler};
 
-pub use instances::{InstancesOutput, instances_output, instances_text};
+pub use instances::{InstancesOutput, Selection, instances_output, instances_text};
 
 use crate::config::Config;
 use crate::registry::{Instance, Registry};

@@ -15,7 +15,7 @@ use rmcp::model::{
 };
 use rmcp::service::Peer;
 
-use super::instances::instances_output;
+use super::instances::{Selection, instances_output};
 use super::messages::{ReadOutput, message_out};
 use super::resolve;
 use crate::registry::{Health, Instance, Registry, View};
@@ -57,7 +57,8 @@ pub fn list(view: &View) -> Vec<Resource> {
 pub async fn read(registry: &Registry, uri: &str) -> Result<ReadResourceResult, String> {
     let view = registry.view();
     let json = if uri == INSTANCES_URI {
-        serde_json::to_string_pretty(&instances_output(&view)).map_err(|e| e.to_string())?
+        serde_json::to_string_pretty(&instances_output(&view, &Selection::all()))
+            .map_err(|e| e.to_string())?
     } else if let Some(key) = uri
         .strip_prefix("opencode://instance/")
         .and_then(|r| r.strip_suffix("/session"))

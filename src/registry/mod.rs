@@ -588,6 +588,9 @@ impl State {
                     );
                 }
                 let was_online = inst.is_online();
+                if !was_online {
+                    tracing::debug!(instance = %inst.name, since_discovery = ?inst.discovered.elapsed(), "instance online");
+                }
                 inst.health = Health::Online { version };
                 if !was_online || path_changed || entry.follower.is_none() {
                     if let Some((_, stop)) = entry.follower.take() {
