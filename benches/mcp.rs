@@ -25,7 +25,11 @@ use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
 
-const SERVER: &str = env!("CARGO_BIN_EXE_opencode-mcp");
+/// The server under test; BENCH_SERVER=<path> runs another build of it (for
+/// example one with frame pointers, for `perf`).
+fn server_bin() -> std::ffi::OsString {
+    std::env::var_os("BENCH_SERVER").unwrap_or_else(|| env!("CARGO_BIN_EXE_opencode-mcp").into())
+}
 
 struct Stats(Vec<f64>);
 
@@ -68,7 +72,7 @@ fn server_stderr() -> (String, std::process::Stdio) {
 
 async fn spawn(relay: &Path) -> (RunningService<RoleClient, ()>, u32, f64) {
     let (log, stderr) = server_stderr();
-    let cmd = tokio::process::Command::new(SERVER).configure(|c| {
+    let cmd = tokio::process::Command::new(server_bin()).configure(|c| {
         c.env("RELAY_REGISTRY_DIR", relay)
             .env("TRANSPORT", "local-relay")
             .env("RUST_LOG", log)
@@ -102,6 +106,82 @@ fn write_atomic(dir: &Path, stem: &str, body: &Value) {
     let tmp = dir.join(format!(".{stem}.tmp"));
     std::fs::write(&tmp, body.to_string()).expect("write");
     std::fs::rename(&tmp, dir.join(format!("{stem}.json"))).expect("rename");
+}
+
+/// A bare JSON-RPC client over the server's stdio: one line out, lines in
+/// until the answer, each parsed into a `serde_json::Value` (as a JavaScript
+/// client's `JSON.parse` would). It measures the server and the pipe, without
+/// the rmcp client's typed decoding, which for a large answer costs more than
+/// the server does.
+struct RawClient {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    next_id: u64,
+}
+
+impl RawClient {
+    async fn spawn(relay: &Path) -> RawClient {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(server_bin())
+            .env("RELAY_REGISTRY_DIR", relay)
+            .env("TRANSPORT", "local-relay")
+            .env("RUST_LOG", "error")
+            .env("HEALTH_CHECK_TIMEOUT_MS", "3000")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn opencode-mcp");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut c = RawClient {
+            child,
+            stdin,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+            next_id: 0,
+        };
+        c.request(
+            "initialize",
+            json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}),
+        )
+        .await;
+        c.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        c
+    }
+
+    async fn send(&mut self, msg: &Value) {
+        use tokio::io::AsyncWriteExt;
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.stdin.write_all(line.as_bytes()).await.expect("write");
+    }
+
+    /// Sends a request; returns its result and the answer's size in bytes.
+    async fn request(&mut self, method: &str, params: Value) -> (Value, usize) {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        loop {
+            let line = self
+                .lines
+                .next_line()
+                .await
+                .expect("read")
+                .expect("server closed stdout");
+            let mut msg: Value = serde_json::from_str(&line).expect("JSON-RPC line");
+            if msg["id"] == id {
+                return (msg["result"].take(), line.len());
+            }
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = self.child.kill().await;
+    }
 }
 
 /// CPU time the process has used (user + system), in clock ticks (1/100 s).
@@ -189,7 +269,45 @@ async fn main() {
     }
     init_full.line("spawn → initialize reply, 1000 registrations (100 hang)");
 
-    // 2. instances latency.
+    // 2. instances latency, first through a bare JSON-RPC client.
+    let mut raw = RawClient::spawn(relay.path()).await;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        let (out, _) = raw
+            .request("tools/call", json!({"name": "instances", "arguments": {}}))
+            .await;
+        if out["structuredContent"]["counts"]["online"] == 900 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (what, args) in [
+        ("instances (bare JSON-RPC client)", json!({})),
+        (
+            "instances limit=1000 (bare JSON-RPC client)",
+            json!({"limit": 1000}),
+        ),
+    ] {
+        let mut inst = Stats(vec![]);
+        let mut bytes = 0;
+        for _ in 0..100 {
+            let t = Instant::now();
+            let (out, size) = raw
+                .request(
+                    "tools/call",
+                    json!({"name": "instances", "arguments": args}),
+                )
+                .await;
+            inst.0.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(out["structuredContent"]["counts"]["total"], 1000);
+            bytes = size;
+        }
+        inst.line(what);
+        println!("{:<58} {} KB", "  answer size", bytes / 1024);
+    }
+    raw.close().await;
+
+    // Then through the rmcp client, as the tests use it.
     let (client, pid, _) = spawn(relay.path()).await;
     let t0 = Instant::now();
     loop {
