@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::error::{Error, Result};
 use crate::registry::policy::Cidr;
 use crate::secret::{FleetSecret, SECRET_ENV};
+use crate::tailscale::SOCKET_ENV;
 use crate::transport::TransportKind;
 
 /// Environment variable naming the fleet secret file.
@@ -236,6 +237,36 @@ pub struct Settings {
         value_name = "SECONDS"
     )]
     pub announce_max_age_s: u64,
+
+    /// tailscaled's LocalAPI socket, which the tailscale transport asks for
+    /// the tailnet's peers. Default: the platform's (on Linux
+    /// /var/run/tailscale/tailscaled.sock); the `tailscale` CLI is the
+    /// fallback when the socket cannot be used.
+    #[arg(long, env = SOCKET_ENV, value_name = "PATH")]
+    pub tailscale_socket: Option<PathBuf>,
+
+    /// UDP port on which the agents on tailnet peers answer DNS-SD queries
+    /// (`opencode-agent --dnssd-port`; the same on every machine).
+    #[arg(
+        long,
+        env = "TAILSCALE_DNSSD_PORT",
+        default_value_t = crate::dnssd::DEFAULT_PORT,
+        value_parser = clap::value_parser!(u16).range(1..),
+        value_name = "PORT"
+    )]
+    pub tailscale_dnssd_port: u16,
+
+    /// How long the tailscale transport waits for one peer's answer, in
+    /// milliseconds (10-10000). Peers that run no agent stay silent, so this
+    /// bounds a sweep of the tailnet, not the discovery of answering peers.
+    #[arg(
+        long,
+        env = "TAILSCALE_QUERY_TIMEOUT_MS",
+        default_value_t = 500,
+        value_parser = clap::value_parser!(u64).range(10..=10_000),
+        value_name = "MS"
+    )]
+    pub tailscale_query_timeout_ms: u64,
 }
 
 /// Credentials for OpenCode's HTTP Basic auth. `Debug` never shows the password.
@@ -293,6 +324,12 @@ pub struct Config {
     pub max_instances_per_transport: usize,
     /// Oldest signed announcement accepted; `None`: no limit.
     pub announce_max_age: Option<Duration>,
+    /// tailscaled's socket when the user named one; `None`: the default.
+    pub tailscale_socket: Option<PathBuf>,
+    /// UDP port of the agents' unicast DNS-SD responders on the tailnet.
+    pub tailscale_dnssd_port: u16,
+    /// Deadline of one tailnet peer's DNS-SD answer.
+    pub tailscale_query_timeout: Duration,
 }
 
 impl Config {
@@ -375,6 +412,12 @@ impl Config {
             max_instances_per_transport: s.max_instances_per_transport,
             announce_max_age: (s.announce_max_age_s > 0)
                 .then(|| Duration::from_secs(s.announce_max_age_s)),
+            tailscale_socket: s
+                .tailscale_socket
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
+            tailscale_dnssd_port: s.tailscale_dnssd_port,
+            tailscale_query_timeout: Duration::from_millis(s.tailscale_query_timeout_ms),
         })
     }
 }

@@ -45,6 +45,41 @@ fn an_unknown_transport_exits_2_naming_the_valid_ones() {
 }
 
 #[test]
+fn tailscale_settings_are_flags_too_and_bad_values_exit_2() {
+    let out = Command::new(BIN).arg("--help").output().expect("run");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, var) in [
+        ("--tailscale-socket", "TAILSCALE_SOCKET"),
+        ("--tailscale-dnssd-port", "TAILSCALE_DNSSD_PORT"),
+        ("--tailscale-query-timeout-ms", "TAILSCALE_QUERY_TIMEOUT_MS"),
+    ] {
+        assert!(
+            help.contains(flag) && help.contains(var),
+            "--help lacks {flag} / {var}:\n{help}"
+        );
+    }
+    for (var, value) in [
+        ("TAILSCALE_DNSSD_PORT", "0"),
+        ("TAILSCALE_DNSSD_PORT", "dns"),
+        ("TAILSCALE_QUERY_TIMEOUT_MS", "5"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["instances", "--settle-ms", "10"])
+            .env("TRANSPORT", "local-relay")
+            .env("RELAY_REGISTRY_DIR", "/nonexistent/relay")
+            .env(var, value)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(value) && err.contains("tailscale"),
+            "{var}={value}: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_password_never_appears_in_debug_output() {
     let out = Command::new(BIN)
         .args(["instances", "--settle-ms", "100"])

@@ -358,9 +358,7 @@ pub fn build(config: &Config) -> Result<Vec<Box<dyn Transport>>> {
                 Err(e) => return Err(e),
             },
             TransportKind::Tailscale => {
-                match tailscale::TailscaleOptions::from_env(config)
-                    .and_then(tailscale::Tailscale::new)
-                {
+                match tailscale::Tailscale::new(tailscale::TailscaleOptions::from_config(config)) {
                     Ok(t) => out.push(Box::new(t.with_trust(TrustCheck::from_config(config)))),
                     Err(e) if auto => tracing::info!("tailscale transport skipped: {e}"),
                     Err(e) => return Err(e),

@@ -46,17 +46,10 @@ use super::{
 };
 use crate::announce::txt::Announcement;
 use crate::config::Config;
-use crate::dnssd::DEFAULT_PORT;
 use crate::dnssd::query::{FoundInstance, QueryError, browse};
 use crate::error::{Error, Result};
 use crate::tailscale::{LocalApi, PeerStatus, Status};
 
-/// Environment variable: UDP port of the agents' unicast DNS-SD responders.
-pub const PORT_ENV: &str = "TAILSCALE_DNSSD_PORT";
-/// Environment variable: per-node query timeout in milliseconds.
-pub const TIMEOUT_ENV: &str = "TAILSCALE_QUERY_TIMEOUT_MS";
-/// Default per-node query timeout.
-pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest interval between two sweeps (DISCOVERY_INTERVAL_MS may shorten it).
 pub const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest interval between two status reads.
@@ -84,43 +77,23 @@ pub struct TailscaleOptions {
 }
 
 impl TailscaleOptions {
-    /// Options from the configuration and the environment (`TAILSCALE_SOCKET`,
-    /// `TAILSCALE_DNSSD_PORT`, `TAILSCALE_QUERY_TIMEOUT_MS`).
-    pub fn from_env(config: &Config) -> Result<Self> {
-        let port = match std::env::var(PORT_ENV) {
-            Ok(v) if !v.trim().is_empty() => v
-                .trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "{PORT_ENV} must be a port number (1-65535), got {v:?}"
-                    ))
-                })?,
-            _ => DEFAULT_PORT,
-        };
-        let query_timeout = match std::env::var(TIMEOUT_ENV) {
-            Ok(v) if !v.trim().is_empty() => v
-                .trim()
-                .parse::<u64>()
-                .ok()
-                .filter(|ms| (10..=10_000).contains(ms))
-                .map(Duration::from_millis)
-                .ok_or_else(|| {
-                    Error::Config(format!("{TIMEOUT_ENV} must be 10..=10000 ms, got {v:?}"))
-                })?,
-            _ => DEFAULT_QUERY_TIMEOUT,
-        };
+    /// Options from the configuration (TAILSCALE_SOCKET,
+    /// TAILSCALE_DNSSD_PORT, TAILSCALE_QUERY_TIMEOUT_MS and the discovery
+    /// interval).
+    pub fn from_config(config: &Config) -> Self {
         let sweep_every = config.discovery_interval.min(MAX_SWEEP_INTERVAL);
-        Ok(Self {
-            api: LocalApi::from_env(),
-            port,
-            query_timeout,
+        let api = match &config.tailscale_socket {
+            Some(socket) => LocalApi::new(socket.clone(), true),
+            None => LocalApi::new(crate::tailscale::default_socket(), false),
+        };
+        Self {
+            api,
+            port: config.tailscale_dnssd_port,
+            query_timeout: config.tailscale_query_timeout,
             sweep_every,
             status_every: sweep_every.min(MAX_STATUS_INTERVAL),
             misses_before_gone: 2,
-        })
+        }
     }
 }
 
