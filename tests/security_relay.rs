@@ -252,7 +252,8 @@ async fn without_a_secret_unsigned_registrations_work_as_before() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn instances_beyond_the_per_transport_cap_are_ignored_and_reported() {
+async fn instances_beyond_the_per_transport_cap_are_held_back_reported_and_admitted_when_slots_free()
+ {
     let relay = RelayDir::new();
     let fake = FakeOpenCode::builder().start().await;
     for i in 0..5 {
@@ -277,6 +278,37 @@ async fn instances_beyond_the_per_transport_cap_are_ignored_and_reported() {
     })
     .await;
     assert_eq!(out["instances"].as_array().map(Vec::len), Some(3), "{out}");
+    let listed: Vec<String> = out["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["name"].as_str().map(str::to_string))
+        .collect();
+    let held: Vec<String> = (0..5)
+        .map(|i| format!("cap-{i}"))
+        .filter(|n| !listed.contains(n))
+        .collect();
+    assert_eq!(held.len(), 2, "{out}");
+
+    // Two listed instances go away: the held-back ones take their places,
+    // without being announced again, and the problem clears.
+    relay.remove(&listed[0]);
+    relay.remove(&listed[1]);
+    let out = wait_until_msg(WAIT, "the held-back instances admitted", || async {
+        let (_, out) = instances(&server).await;
+        let mut names: Vec<String> = out["instances"]
+            .as_array()?
+            .iter()
+            .filter(|i| i["status"] == "online")
+            .filter_map(|i| i["name"].as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        let mut want = vec![listed[2].clone(), held[0].clone(), held[1].clone()];
+        want.sort();
+        (names == want).then_some(out)
+    })
+    .await;
+    assert_eq!(out["problem_count"], 0, "{out}");
     server.shutdown().await;
 }
 

@@ -22,7 +22,7 @@ mod follower;
 pub mod policy;
 mod view;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -160,6 +160,17 @@ impl Registry {
     }
 }
 
+/// What one transport reported beyond MAX_INSTANCES_PER_TRANSPORT.
+struct Overflow {
+    /// Held-back keys, with the announcement to admit when a slot frees up.
+    /// At most MAX_INSTANCES_PER_TRANSPORT announcements are kept (`None`
+    /// beyond that: a flood is counted, not stored; those keys come back
+    /// when their transport reports them again).
+    held: BTreeMap<String, Option<Endpoint>>,
+    /// Since when the transport is over its cap (shown in the problem).
+    since: SystemTime,
+}
+
 /// Registry-private state of one instance.
 struct Entry {
     /// Every path as its transport announced it, by transport.
@@ -192,8 +203,9 @@ struct HealthResult {
 struct State {
     /// Which addresses may be contacted.
     policy: AddressPolicy,
-    /// Keys each transport reported beyond MAX_INSTANCES_PER_TRANSPORT (ignored), and since when.
-    overflow: BTreeMap<TransportKind, (BTreeSet<String>, SystemTime)>,
+    /// Instances each transport reported beyond MAX_INSTANCES_PER_TRANSPORT:
+    /// never contacted while held back, admitted in turn as slots free up.
+    overflow: BTreeMap<TransportKind, Overflow>,
     config: Config,
     http: reqwest::Client,
     limits: ClientLimits,
@@ -289,31 +301,67 @@ impl State {
         OpenCodeClient::new(self.http.clone(), ep.base_url(), None, self.limits)
     }
 
-    /// Whether `via` already reports as many instances as allowed and `key`
-    /// is not one of them; records the overflow (logged once per episode).
-    fn over_cap(&mut self, via: TransportKind, key: &str) -> bool {
-        let max = self.config.max_instances_per_transport;
+    /// How many instances `via` reports.
+    fn reported_by(&self, via: TransportKind) -> usize {
+        self.entries
+            .values()
+            .filter(|e| e.seen.contains_key(&via))
+            .count()
+    }
+
+    /// Whether `ep`'s transport already reports as many instances as allowed
+    /// and `ep` is not one of them; holds it back (logged once per episode).
+    fn over_cap(&mut self, ep: &Endpoint) -> bool {
+        let (via, max) = (ep.via, self.config.max_instances_per_transport);
         if self
             .entries
-            .get(key)
+            .get(&ep.key)
             .is_some_and(|e| e.seen.contains_key(&via))
         {
             return false;
         }
-        let count = self
-            .entries
-            .values()
-            .filter(|e| e.seen.contains_key(&via))
-            .count();
-        if count < max {
+        if self.reported_by(via) < max {
             return false;
         }
-        let (keys, _) = self.overflow.entry(via).or_insert_with(|| {
-            tracing::warn!(transport = %via, "more than {max} instances reported; ignoring the rest (MAX_INSTANCES_PER_TRANSPORT)");
-            (BTreeSet::new(), SystemTime::now())
+        let over = self.overflow.entry(via).or_insert_with(|| {
+            tracing::warn!(transport = %via, "more than {max} instances reported; holding back the rest (MAX_INSTANCES_PER_TRANSPORT)");
+            Overflow {
+                held: BTreeMap::new(),
+                since: SystemTime::now(),
+            }
         });
-        keys.insert(key.to_string());
+        let stored = over.held.values().filter(|e| e.is_some()).count();
+        let keep = match over.held.get(&ep.key) {
+            Some(Some(_)) => true,
+            _ => stored < max,
+        };
+        over.held.insert(ep.key.clone(), keep.then(|| ep.clone()));
         true
+    }
+
+    /// Admits held-back instances of `via` while it is under its cap (a
+    /// reported instance went away). Returns whether anything changed.
+    fn admit_held(&mut self, via: TransportKind) -> bool {
+        let mut changed = false;
+        while self.reported_by(via) < self.config.max_instances_per_transport {
+            let Some(over) = self.overflow.get_mut(&via) else {
+                break;
+            };
+            let next = over
+                .held
+                .iter()
+                .find(|(_, ep)| ep.is_some())
+                .map(|(k, _)| k.clone());
+            let Some(ep) = next.and_then(|k| over.held.remove(&k)).flatten() else {
+                break;
+            };
+            if over.held.is_empty() {
+                self.overflow.remove(&via);
+            }
+            tracing::info!(transport = %via, instance = %ep.name, "admitting an instance held back by MAX_INSTANCES_PER_TRANSPORT");
+            changed |= self.on_discovery(Discovery::Seen(ep));
+        }
+        changed
     }
 
     /// Re-applies the trust decision to every path of `key` and re-derives
@@ -400,7 +448,7 @@ impl State {
         match d {
             Discovery::Seen(ep) => {
                 let key = ep.key.clone();
-                if self.over_cap(ep.via, &key) {
+                if self.over_cap(&ep) {
                     return true;
                 }
                 match self.entries.get_mut(&key) {
@@ -449,10 +497,10 @@ impl State {
                 true
             }
             Discovery::Gone { key, via } => {
-                if let Some((keys, _)) = self.overflow.get_mut(&via)
-                    && keys.remove(&key)
+                if let Some(over) = self.overflow.get_mut(&via)
+                    && over.held.remove(&key).is_some()
                 {
-                    if keys.is_empty() {
+                    if over.held.is_empty() {
                         self.overflow.remove(&via);
                     }
                     return true;
@@ -470,6 +518,7 @@ impl State {
                 } else {
                     self.reevaluate(&key);
                 }
+                self.admit_held(via);
                 true
             }
             Discovery::Ready { via } => {
@@ -656,6 +705,7 @@ impl State {
                         if let Some(fb) = self.feedback.get(&via) {
                             let _ = fb.send(Feedback::Expired { key: h.key.clone() }).await;
                         }
+                        self.admit_held(via);
                     }
                     return true;
                 }
@@ -765,11 +815,11 @@ impl State {
             self.pending_ready.is_empty() && self.entries.values().all(|e| e.checked_once);
         let mut problems = self.problems.clone();
         let max = self.config.max_instances_per_transport;
-        for (via, (keys, since)) in &self.overflow {
+        for (via, Overflow { held: keys, since }) in &self.overflow {
             problems.entry(*via).or_default().push(crate::transport::Problem::new(
                 format!("{via} transport"),
                 format!(
-                    "{} more instance(s) than MAX_INSTANCES_PER_TRANSPORT={max} were reported and are ignored; raise the limit if they are real, or look for a flood of forged announcements",
+                    "{} more instance(s) than MAX_INSTANCES_PER_TRANSPORT={max} were reported; they are held back, never contacted, and admitted as others go away. Raise the limit if they are real, or look for a flood of forged announcements",
                     keys.len()
                 ),
                 *since,
