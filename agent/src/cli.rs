@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+use crate::advertise::tailnet::is_tailnet;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use opencode_mcp::announce::MAX_NAME_BYTES;
 use opencode_mcp::config::Credentials;
@@ -399,9 +400,20 @@ pub fn resolve(cli: Cli, env: &Env) -> Result<Plan> {
         Mode::Run(r) => Some(r.bind),
         Mode::Attach(_) => None,
     };
-    // No multicast crosses a tailnet: mDNS would reach nobody.
-    let mdns = !common.no_mdns && bind != Some(Bind::Tailnet);
-    if !mdns && bind != Some(Bind::Tailnet) && relay_dir.is_none() && relay_ssh.is_none() {
+    // OpenCode on the tailnet only (`--bind tailnet`, or attached at a
+    // tailnet address) is published by the tailnet DNS-SD record, and no
+    // multicast crosses a tailnet: mDNS would reach nobody.
+    let tailnet_only = match &mode {
+        Mode::Run(r) => r.bind == Bind::Tailnet,
+        Mode::Attach(a) => a
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| is_tailnet(&ip)),
+    };
+    let mdns = !common.no_mdns && !tailnet_only;
+    if !mdns && !tailnet_only && relay_dir.is_none() && relay_ssh.is_none() {
         return Err(AgentError::Usage(
             "nothing to advertise: --no-mdns is given and neither --relay-dir nor --relay-ssh; drop --no-mdns or add a relay".into(),
         ));
@@ -675,6 +687,37 @@ mod tests {
         let mut e = env();
         e.secret = Some(secret());
         assert!(plan(&["--bind", "tailnet"], &e).is_ok());
+
+        // attach at a tailnet address is the same: the tailnet record
+        // publishes it, and mDNS is left out.
+        for host in [
+            "100.101.102.103",
+            "fd7a:115c:a1e0::1",
+            "[fd7a:115c:a1e0::1]",
+        ] {
+            let p = plan(
+                &["attach", "--port", "4096", "--host", host, "--no-mdns"],
+                &e,
+            )
+            .unwrap_or_else(|err| panic!("attach --host {host}: {err}"));
+            assert!(!p.mdns, "{host}");
+            let p = plan(&["attach", "--port", "4096", "--host", host], &e).unwrap();
+            assert!(!p.mdns, "{host}");
+        }
+        // Elsewhere --no-mdns without a relay still leaves nothing to advertise.
+        let err = plan(
+            &[
+                "attach",
+                "--port",
+                "4096",
+                "--host",
+                "192.0.2.7",
+                "--no-mdns",
+            ],
+            &e,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("nothing to advertise"), "{err}");
     }
 
     #[test]
