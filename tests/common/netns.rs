@@ -179,37 +179,62 @@ fn newest_mtime(dir: &Path) -> Option<SystemTime> {
 }
 
 /// The `opencode-mcp` binary. In the root package's tests it is Cargo's
-/// `CARGO_BIN_EXE_opencode-mcp`. In the agent's tests it is the one next to
-/// `opencode-agent` (same profile and target dir), built with `cargo build`
-/// when missing or older than the server's sources (`src/`, `Cargo.toml`,
-/// `Cargo.lock`), e.g. when only the agent's tests were asked for.
+/// `CARGO_BIN_EXE_opencode-mcp`; in the agent's tests, see [`workspace_bin`].
 pub fn opencode_mcp_bin() -> PathBuf {
-    static BUILD: Mutex<()> = Mutex::new(());
     if let Some(p) = option_env!("CARGO_BIN_EXE_opencode-mcp") {
         return PathBuf::from(p);
     }
-    let Some(agent) = option_env!("CARGO_BIN_EXE_opencode-agent") else {
+    workspace_bin("opencode-mcp", &["src", "Cargo.toml", "Cargo.lock"])
+}
+
+/// The `opencode-agent` binary. In the agent's tests it is Cargo's
+/// `CARGO_BIN_EXE_opencode-agent`; in the root package's, see [`workspace_bin`].
+pub fn opencode_agent_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_opencode-agent") {
+        return PathBuf::from(p);
+    }
+    workspace_bin(
+        "opencode-agent",
+        &[
+            "agent/src",
+            "agent/Cargo.toml",
+            "src",
+            "Cargo.toml",
+            "Cargo.lock",
+        ],
+    )
+}
+
+/// A binary of the other workspace package (`package` names both the package
+/// and its binary): the one next to this package's binary (same profile and
+/// target dir), built with `cargo build` when missing or older than its
+/// `sources` (paths relative to the workspace root), e.g. when only one
+/// package's tests were asked for.
+fn workspace_bin(package: &str, sources: &[&str]) -> PathBuf {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let Some(ours) =
+        option_env!("CARGO_BIN_EXE_opencode-mcp").or(option_env!("CARGO_BIN_EXE_opencode-agent"))
+    else {
         panic!("neither opencode-mcp nor opencode-agent is a binary of this package");
     };
-    let agent = PathBuf::from(agent);
-    let profile_dir = agent.parent().expect("agent binary has a directory");
-    let bin = profile_dir.join("opencode-mcp");
+    let ours = PathBuf::from(ours);
+    let profile_dir = ours.parent().expect("binary has a directory");
+    let bin = profile_dir.join(package);
     let _one_build_at_a_time = lock(&BUILD);
     let root = workspace_root();
-    let sources = [
-        newest_mtime(&root.join("src")),
-        fs::metadata(root.join("Cargo.toml"))
-            .and_then(|m| m.modified())
-            .ok(),
-        fs::metadata(root.join("Cargo.lock"))
-            .and_then(|m| m.modified())
-            .ok(),
-    ]
-    .into_iter()
-    .flatten()
-    .max();
+    let newest_source = sources
+        .iter()
+        .map(|s| root.join(s))
+        .filter_map(|p| {
+            if p.is_dir() {
+                newest_mtime(&p)
+            } else {
+                fs::metadata(&p).and_then(|m| m.modified()).ok()
+            }
+        })
+        .max();
     let built_at = fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    if is_executable(&bin) && built_at.is_some() && built_at >= sources {
+    if is_executable(&bin) && built_at.is_some() && built_at >= newest_source {
         return bin;
     }
     let profile = profile_dir
@@ -219,18 +244,11 @@ pub fn opencode_mcp_bin() -> PathBuf {
     let target_dir = profile_dir.parent().expect("profile dir has a parent");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "opencode-mcp",
-        "--bin",
-        "opencode-mcp",
-    ])
-    .arg("--manifest-path")
-    .arg(workspace_root().join("Cargo.toml"))
-    .arg("--target-dir")
-    .arg(target_dir);
+    cmd.args(["build", "--quiet", "-p", package, "--bin", package])
+        .arg("--manifest-path")
+        .arg(root.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
     match profile {
         "debug" => {}
         "release" => {
@@ -243,8 +261,8 @@ pub fn opencode_mcp_bin() -> PathBuf {
     let built = cmd.status().is_ok_and(|s| s.success());
     if !built && !is_executable(&bin) {
         panic!(
-            "cannot build opencode-mcp next to {}; run `cargo build --workspace` first",
-            agent.display()
+            "cannot build {package} next to {}; run `cargo build --workspace` first",
+            ours.display()
         );
     }
     bin

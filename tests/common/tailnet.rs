@@ -737,7 +737,7 @@ pub fn start_agent(
 }
 
 /// Proxies TCP connections from `listener` to `to` (both directions).
-async fn proxy(listener: tokio::net::TcpListener, to: SocketAddr) {
+pub async fn proxy(listener: tokio::net::TcpListener, to: SocketAddr) {
     loop {
         let Ok((mut inbound, _)) = listener.accept().await else {
             continue;
