@@ -8,19 +8,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::fake_opencode::{Behaviour, FakeOpenCode, dead_port};
-use common::mcp_client::{McpServerProc, RelayDir, wait_until_msg};
+use common::mcp_client::{McpServerProc, RelayDir, instance_names, wait_until_msg};
 use serde_json::{Value, json};
-
-fn names(out: &Value) -> Vec<String> {
-    out["instances"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|i| i["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 async fn list(server: &McpServerProc, args: Value) -> (String, Value) {
     let (text, is_error, out) = server.call_text("instances", args.clone()).await;
@@ -64,7 +53,7 @@ async fn a_fleet_that_fits_one_page_keeps_the_seed_layout_with_online_instances_
     let (_fake, _relay, server) = fleet().await;
     let (text, out) = list(&server, json!({})).await;
     assert_eq!(
-        names(&out),
+        instance_names(&out),
         [
             "app-0",
             "app-1",
@@ -101,7 +90,7 @@ async fn a_fleet_that_fits_one_page_keeps_the_seed_layout_with_online_instances_
 async fn limit_and_offset_page_through_every_instance_exactly_once() {
     let (_fake, _relay, server) = fleet().await;
     let (text, first) = list(&server, json!({"limit": 4})).await;
-    assert_eq!(names(&first), ["app-0", "app-1", "app-2", "app-3"]);
+    assert_eq!(instance_names(&first), ["app-0", "app-1", "app-2", "app-3"]);
     assert_eq!(first["next_offset"], 4, "{first}");
     assert!(
         text.contains("9 instance(s): 6 online (0 busy), 3 offline"),
@@ -115,7 +104,7 @@ async fn limit_and_offset_page_through_every_instance_exactly_once() {
     loop {
         let (_, page) = list(&server, json!({"limit": 4, "offset": offset})).await;
         assert_eq!(page["offset"], offset, "{page}");
-        seen.extend(names(&page));
+        seen.extend(instance_names(&page));
         match page["next_offset"].as_u64() {
             Some(next) => offset = next,
             None => break,
@@ -127,7 +116,7 @@ async fn limit_and_offset_page_through_every_instance_exactly_once() {
 
     // An offset past the end is an empty last page, not an error.
     let (_, past) = list(&server, json!({"offset": 50})).await;
-    assert!(names(&past).is_empty(), "{past}");
+    assert!(instance_names(&past).is_empty(), "{past}");
     assert!(past.get("next_offset").is_none(), "{past}");
     assert_eq!(past["counts"]["total"], 9, "{past}");
 }
@@ -136,20 +125,23 @@ async fn limit_and_offset_page_through_every_instance_exactly_once() {
 async fn status_and_query_narrow_the_listing_and_counts_still_cover_the_fleet() {
     let (_fake, _relay, server) = fleet().await;
     let (_, offline) = list(&server, json!({"status": "offline"})).await;
-    assert_eq!(names(&offline), ["aa-dead-0", "aa-dead-1", "aa-dead-2"]);
+    assert_eq!(
+        instance_names(&offline),
+        ["aa-dead-0", "aa-dead-1", "aa-dead-2"]
+    );
     assert_eq!(offline["matched"], 3, "{offline}");
     assert_eq!(offline["counts"]["online"], 6, "{offline}");
 
     // query matches the hostname, the directory or the name, ignoring case.
     let (_, odd) = list(&server, json!({"query": "BOX-ODD"})).await;
-    assert_eq!(names(&odd), ["app-1", "app-3", "app-5"]);
+    assert_eq!(instance_names(&odd), ["app-1", "app-3", "app-5"]);
     let (_, by_cwd) = list(&server, json!({"query": "/work/app-4"})).await;
-    assert_eq!(names(&by_cwd), ["app-4"]);
+    assert_eq!(instance_names(&by_cwd), ["app-4"]);
     let (_, both) = list(&server, json!({"status": "online", "query": "even"})).await;
-    assert_eq!(names(&both), ["app-0", "app-2", "app-4"]);
+    assert_eq!(instance_names(&both), ["app-0", "app-2", "app-4"]);
 
     let (text, none) = list(&server, json!({"query": "nowhere"})).await;
-    assert!(names(&none).is_empty());
+    assert!(instance_names(&none).is_empty());
     assert!(text.contains("No instance matches"), "{text}");
 
     let (text, is_error, _) = server
@@ -167,7 +159,7 @@ async fn status_busy_lists_the_instance_that_is_working() {
     relay.write_registration("slowpoke", json!({"name": "slowpoke", "port": slow.port()}));
     wait_until_msg(Duration::from_secs(10), "slowpoke online", || async {
         let (_, out) = list(&server, json!({"query": "slowpoke", "status": "idle"})).await;
-        (names(&out) == ["slowpoke"]).then_some(())
+        (instance_names(&out) == ["slowpoke"]).then_some(())
     })
     .await;
     let call = server
@@ -178,13 +170,16 @@ async fn status_busy_lists_the_instance_that_is_working() {
         .await;
     let busy = wait_until_msg(Duration::from_secs(10), "slowpoke busy", || async {
         let (_, out) = list(&server, json!({"status": "busy"})).await;
-        (names(&out) == ["slowpoke"]).then_some(out)
+        (instance_names(&out) == ["slowpoke"]).then_some(out)
     })
     .await;
     assert_eq!(busy["counts"]["busy"], 1, "{busy}");
     assert_eq!(busy["instances"][0]["activity"], "busy", "{busy}");
     let (_, idle) = list(&server, json!({"status": "idle"})).await;
-    assert!(!names(&idle).contains(&"slowpoke".to_string()), "{idle}");
-    assert_eq!(names(&idle).len(), 6, "{idle}");
+    assert!(
+        !instance_names(&idle).contains(&"slowpoke".to_string()),
+        "{idle}"
+    );
+    assert_eq!(instance_names(&idle).len(), 6, "{idle}");
     call.cancel("test done").await;
 }

@@ -7,19 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::fake_opencode::{Behaviour, FakeOpenCode, dead_port};
-use common::mcp_client::{McpServerProc, RelayDir, wait_until_msg};
+use common::mcp_client::{McpServerProc, RelayDir, instance_names, wait_until_msg};
 use serde_json::{Value, json};
-
-fn names(out: &Value) -> Vec<String> {
-    out["instances"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|i| i["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 async fn instances(server: &McpServerProc) -> Value {
     let (_, is_error, out) = server.call_text("instances", json!({})).await;
@@ -136,7 +125,7 @@ async fn malformed_registration_files_are_listed_with_reasons_and_never_deleted_
     assert!(reason_of("fifo.json").contains("not a regular file"));
     assert!(reason_of("escape.json").contains("outside"));
     // The in-directory symlink is a second path to the same good instance.
-    let listed = names(&out);
+    let listed = instance_names(&out);
     assert!(
         listed.contains(&"good".to_string()) && !listed.contains(&"outside".to_string()),
         "{listed:?}"
@@ -167,7 +156,7 @@ async fn new_changed_and_removed_files_take_effect_within_100ms() {
     let relay = RelayDir::new();
     // A long rescan interval: only inotify can make these changes visible in time.
     let server = McpServerProc::spawn(&[relay.env(), ("DISCOVERY_INTERVAL_MS", "600000")]).await;
-    assert!(names(&instances(&server).await).is_empty());
+    assert!(instance_names(&instances(&server).await).is_empty());
 
     let t = Instant::now();
     relay.write_registration("w", json!({"name": "watched", "port": a.port()}));
@@ -199,7 +188,9 @@ async fn new_changed_and_removed_files_take_effect_within_100ms() {
     let t = Instant::now();
     relay.remove("w");
     wait_until_msg(Duration::from_secs(5), "removed file gone", || async {
-        names(&instances(&server).await).is_empty().then_some(())
+        instance_names(&instances(&server).await)
+            .is_empty()
+            .then_some(())
     })
     .await;
     let removed = t.elapsed();
@@ -224,7 +215,7 @@ async fn a_missing_directory_is_fine_and_picked_up_once_created() {
     ])
     .await;
     let out = instances(&server).await;
-    assert!(names(&out).is_empty());
+    assert!(instance_names(&out).is_empty());
     assert_eq!(
         out["problem_count"], 0,
         "a missing directory is not a problem"
@@ -240,7 +231,7 @@ async fn a_missing_directory_is_fine_and_picked_up_once_created() {
         Duration::from_secs(5),
         "registration in a late directory",
         || async {
-            names(&instances(&server).await)
+            instance_names(&instances(&server).await)
                 .contains(&"late".to_string())
                 .then_some(())
         },
@@ -260,7 +251,7 @@ async fn a_half_written_file_keeps_its_last_good_entry_until_fixed() {
     .expect("write");
     let server = McpServerProc::spawn(&[relay.env()]).await;
     wait_until_msg(Duration::from_secs(5), "steady online", || async {
-        names(&instances(&server).await)
+        instance_names(&instances(&server).await)
             .contains(&"steady".to_string())
             .then_some(())
     })
@@ -277,7 +268,7 @@ async fn a_half_written_file_keeps_its_last_good_entry_until_fixed() {
     )
     .await;
     assert!(
-        names(&out).contains(&"steady".to_string()),
+        instance_names(&out).contains(&"steady".to_string()),
         "kept while half-written"
     );
     assert!(path.exists(), "never deleted on a first failure");
@@ -329,7 +320,7 @@ async fn unreachable_instances_and_broken_files_are_pruned_only_after_the_grace_
     assert!(started.elapsed() >= grace, "pruned before the grace period");
     wait_until_msg(Duration::from_secs(5), "dropped from the view", || async {
         let out = instances(&server).await;
-        (names(&out).is_empty() && out["problem_count"] == 0).then_some(())
+        (instance_names(&out).is_empty() && out["problem_count"] == 0).then_some(())
     })
     .await;
 }

@@ -821,6 +821,18 @@ impl RelayDir {
     }
 }
 
+/// The names listed in an `instances` structured output, in its order.
+pub fn instance_names(out: &Value) -> Vec<String> {
+    out["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A seed-format registration: `{name, hostname, port, localPort, cwd, connectedAt}`,
 /// with `localPort == port`, this machine's host name and `connectedAt` now.
 pub fn registration(name: &str, port: u16, cwd: &str) -> Value {
