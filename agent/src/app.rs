@@ -56,6 +56,7 @@ fn advert(
         tailnet: scope.tailnet_part(tailnet),
         connected_at: identity::iso8601_utc(SystemTime::now()),
         secret: plan.secret.clone(),
+        heartbeat: plan.heartbeat,
     }
 }
 

@@ -6,6 +6,7 @@
 //! processes, open sockets or touch files.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::advertise::tailnet::is_tailnet;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -14,6 +15,7 @@ use opencode_mcp::config::Credentials;
 use opencode_mcp::dnssd::DEFAULT_PORT as DEFAULT_DNSSD_PORT;
 use opencode_mcp::secret::FleetSecret;
 
+use crate::advertise::HEARTBEAT;
 use crate::error::{AgentError, Result};
 use crate::identity;
 
@@ -38,6 +40,7 @@ ENVIRONMENT:
                              of `opencode-agent secret path`): derives OpenCode's password
                              and signs what is announced
   TAILSCALE_DNSSD_PORT       as --dnssd-port
+  OPENCODE_AGENT_HEARTBEAT_S as --heartbeat-s
   OPENCODE_SERVER_USERNAME   Basic auth user name (default: opencode)
   OPENCODE_AGENT_LOG         log destination: a file path, or `stderr` (default: stderr, except
                              with the TUI: $XDG_STATE_HOME/opencode-agent/agent.log)
@@ -185,6 +188,10 @@ pub struct CommonArgs {
     /// Ignore the fleet secret: no derived password, nothing signed
     #[arg(long)]
     pub no_secret: bool,
+    /// How often, in seconds, what is announced is refreshed: relay files rewritten, the SSH tunnel probed, and with a fleet secret the mDNS and tailnet records re-signed. Keep it well below the servers' ANNOUNCE_MAX_AGE_S
+    #[arg(long, env = "OPENCODE_AGENT_HEARTBEAT_S", value_name = "SECONDS", default_value_t = HEARTBEAT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_s: u64,
 }
 
 /// Options of `run`.
@@ -288,6 +295,8 @@ pub struct Plan {
     pub relay_dir: Option<PathBuf>,
     /// SSH relay, when asked.
     pub relay_ssh: Option<SshPlan>,
+    /// How often announcements are refreshed (and re-signed).
+    pub heartbeat: Duration,
 }
 
 /// How to reach the relay machine.
@@ -472,6 +481,7 @@ pub fn resolve(cli: Cli, env: &Env) -> Result<Plan> {
         mdns,
         relay_dir,
         relay_ssh,
+        heartbeat: Duration::from_secs(common.heartbeat_s),
     })
 }
 
@@ -704,6 +714,18 @@ mod tests {
             let p = plan(&["attach", "--port", "4096", "--host", host], &e).unwrap();
             assert!(!p.mdns, "{host}");
         }
+        // The heartbeat: 60 s unless asked, 1 s to an hour.
+        assert_eq!(
+            plan(&["--bind", "tailnet"], &e).unwrap().heartbeat,
+            HEARTBEAT
+        );
+        assert_eq!(
+            plan(&["--bind", "tailnet", "--heartbeat-s", "5"], &e)
+                .unwrap()
+                .heartbeat,
+            Duration::from_secs(5)
+        );
+        assert!(plan(&["--bind", "tailnet", "--heartbeat-s", "0"], &e).is_err());
         // Elsewhere --no-mdns without a relay still leaves nothing to advertise.
         let err = plan(
             &[

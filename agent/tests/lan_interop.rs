@@ -369,3 +369,129 @@ fn netns_helper() {
     println!("READY {port}");
     park_forever();
 }
+
+/// Every announcement of `name_part` python-zeroconf reported so far (ADD or
+/// UPDATE), parsed.
+fn announcements(proc: &Proc, name_part: &str) -> Vec<Announcement> {
+    proc.lines()
+        .into_iter()
+        .filter_map(|l| {
+            let v: Value = serde_json::from_str(&l.text).ok()?;
+            if !(v["event"] == "ADD" || v["event"] == "UPDATE")
+                || !v["name"].as_str().is_some_and(|n| n.contains(name_part))
+            {
+                return None;
+            }
+            let txt: Vec<String> = v["txt"]
+                .as_array()?
+                .iter()
+                .filter_map(|e| e.as_str().map(str::to_string))
+                .collect();
+            Announcement::from_txt(
+                txt.iter()
+                    .map(|e| e.split_once('=').unwrap_or((e.as_str(), ""))),
+            )
+            .ok()
+        })
+        .collect()
+}
+
+/// With a fleet secret the agent re-signs its mDNS TXT every heartbeat, so
+/// a server with ANNOUNCE_MAX_AGE_S keeps accepting it; seen here by a
+/// third-party browser as TXT updates with later signing times.
+#[test]
+fn with_a_fleet_secret_the_mdns_record_is_re_signed_every_heartbeat() {
+    use opencode_mcp::secret::FleetSecret;
+    if !require_root() {
+        return;
+    }
+    let Some(python) = require_python_zeroconf() else {
+        return;
+    };
+    let secret = FleetSecret::from_text(&"5e".repeat(32)).expect("secret");
+    let net = Netns::create(2);
+    let tmp = TempDir::new("lan-resign");
+    let project = tmp.subdir("resign-proj");
+    let addr_a = net.addr(0);
+    let mut fake = Proc::spawn("fake-opencode", {
+        let mut cmd = helper_command(&net, 0, HELPER, "fake-opencode");
+        cmd.env("OCT_ADDR", addr_a.to_string());
+        cmd
+    });
+    let ready = fake.wait_line("READY", Duration::from_secs(20));
+    let fake_port: u16 = ready
+        .text
+        .rsplit(' ')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .expect("fake port");
+    let mut browser = Proc::spawn("zeroconf-browse", {
+        let mut cmd = net.command(1, &python);
+        cmd.args(["-c", PY_BROWSE]);
+        cmd
+    });
+    browser.wait_line("READY", Duration::from_secs(20));
+
+    let mut agent = Proc::spawn("agent-attach", {
+        let mut cmd = net.command(0, env!("CARGO_BIN_EXE_opencode-agent"));
+        cmd.args([
+            "attach",
+            "--port",
+            &fake_port.to_string(),
+            "--host",
+            &addr_a.to_string(),
+            "--name",
+            "resign-box",
+            "--heartbeat-s",
+            "1",
+        ])
+        .current_dir(&project)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OPENCODE_MCP_SECRET", secret.to_export_string())
+        .env("OPENCODE_SERVER_PASSWORD", PASSWORD)
+        .env("OPENCODE_AGENT_LOG", "stderr")
+        .env("RUST_LOG", "info,opencode_agent=debug");
+        cmd
+    });
+    wait_event(&mut browser, "ADD", "resign-box", Duration::from_secs(20));
+    let first = announcements(&browser, "resign-box")
+        .into_iter()
+        .next()
+        .expect("the first announcement parses");
+    let first_signed = first.signature.clone().expect("signed with the secret");
+    // A later signature arrives without anything else changing.
+    let later = poll(
+        Duration::from_secs(15),
+        "a re-signed TXT (a later `at`)",
+        || {
+            announcements(&browser, "resign-box")
+                .into_iter()
+                .find(|a| a.signature.as_ref().is_some_and(|s| s.at > first_signed.at))
+        },
+    );
+    let signed = later.signature.clone().expect("signed");
+    assert_ne!(signed.sig, first_signed.sig);
+    assert_eq!(later.id, first.id, "the same instance");
+    secret
+        .verify(
+            &later.id,
+            fake_port,
+            &later.signed_addrs,
+            signed.at,
+            &signed.sig,
+        )
+        .expect("the new signature verifies with the fleet secret");
+    assert!(
+        later.signed_addrs.contains(&std::net::IpAddr::V4(addr_a)),
+        "{:?}",
+        later.signed_addrs
+    );
+    agent.signal("TERM");
+    let status = agent.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "agent exit {status:?}:\n{}",
+        agent.output()
+    );
+}

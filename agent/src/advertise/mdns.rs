@@ -63,6 +63,9 @@ pub struct MdnsAdvertiser {
     fullname: String,
     /// Task logging daemon events (name changes, errors).
     monitor: JoinHandle<()>,
+    /// With a fleet secret: the task that re-signs the TXT every heartbeat,
+    /// so it stays younger than a server's ANNOUNCE_MAX_AGE_S.
+    resign: Option<JoinHandle<()>>,
 }
 
 fn mdns_err(what: &str, e: mdns_sd::Error) -> AgentError {
@@ -76,6 +79,10 @@ impl MdnsAdvertiser {
         let daemon = ServiceDaemon::new().map_err(|e| mdns_err("cannot start the responder", e))?;
         match Self::publish(&daemon, advert) {
             Ok((fullname, monitor)) => Ok(MdnsAdvertiser {
+                resign: advert
+                    .secret
+                    .is_some()
+                    .then(|| resign(daemon.clone(), advert.clone())),
                 daemon,
                 fullname,
                 monitor,
@@ -107,28 +114,8 @@ impl MdnsAdvertiser {
         let events = daemon
             .monitor()
             .map_err(|e| mdns_err("cannot monitor the responder", e))?;
-        let txt = advert.announcement().to_txt();
-        let instance = identity::mdns_instance_name(&advert.name, &advert.id);
-        let host = identity::mdns_host_name(&advert.hostname, &advert.id);
-        let info = match advert.scope {
-            Scope::Loopback => ServiceInfo::new(
-                SERVICE_TYPE,
-                &instance,
-                &host,
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                advert.port,
-                &txt[..],
-            ),
-            Scope::Lan => {
-                ServiceInfo::new(SERVICE_TYPE, &instance, &host, "", advert.port, &txt[..])
-                    .map(ServiceInfo::enable_addr_auto)
-            }
-            Scope::Addr(ip) => {
-                ServiceInfo::new(SERVICE_TYPE, &instance, &host, ip, advert.port, &txt[..])
-            }
-        };
-        let mut info = info.map_err(|e| mdns_err("invalid service record", e))?;
-        info.set_requires_probe(false);
+        let info = service_info(advert)?;
+        let host = info.get_hostname().to_string();
         let fullname = info.get_fullname().to_string();
         daemon
             .register(info)
@@ -156,6 +143,9 @@ impl MdnsAdvertiser {
     /// daemon shuts down. Returns once the goodbyes are sent (or after short
     /// timeouts if the daemon is stuck).
     pub async fn stop(self) {
+        if let Some(task) = &self.resign {
+            task.abort();
+        }
         match self.daemon.unregister(&self.fullname) {
             Ok(rx) => match tokio::time::timeout(CONFIRM_TIMEOUT, rx.recv_async()).await {
                 Ok(Ok(status)) => tracing::debug!(?status, "mDNS goodbye sent"),
@@ -178,6 +168,53 @@ impl MdnsAdvertiser {
         self.monitor.abort();
         tracing::info!(service = %self.fullname, "mDNS advertisement withdrawn");
     }
+}
+
+/// The service record for `advert`, with a freshly made (and, with a
+/// secret, freshly signed) TXT. Names depend only on the advert, so
+/// registering it again replaces the record.
+fn service_info(advert: &Advert) -> Result<ServiceInfo> {
+    let txt = advert.announcement().to_txt();
+    let instance = identity::mdns_instance_name(&advert.name, &advert.id);
+    let host = identity::mdns_host_name(&advert.hostname, &advert.id);
+    let info = match advert.scope {
+        Scope::Loopback => ServiceInfo::new(
+            SERVICE_TYPE,
+            &instance,
+            &host,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advert.port,
+            &txt[..],
+        ),
+        Scope::Lan => ServiceInfo::new(SERVICE_TYPE, &instance, &host, "", advert.port, &txt[..])
+            .map(ServiceInfo::enable_addr_auto),
+        Scope::Addr(ip) => {
+            ServiceInfo::new(SERVICE_TYPE, &instance, &host, ip, advert.port, &txt[..])
+        }
+    };
+    let mut info = info.map_err(|e| mdns_err("invalid service record", e))?;
+    info.set_requires_probe(false);
+    Ok(info)
+}
+
+/// Re-registers the record with a newly signed TXT every heartbeat; mdns-sd
+/// announces the change, so browsers see the new signature time.
+fn resign(daemon: ServiceDaemon, advert: Advert) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let every = advert.heartbeat;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            match service_info(&advert).and_then(|info| {
+                daemon
+                    .register(info)
+                    .map_err(|e| mdns_err("cannot re-register the service", e))
+            }) {
+                Ok(()) => tracing::debug!("mDNS TXT re-signed"),
+                Err(e) => tracing::warn!(error = %e, "cannot re-sign the mDNS advertisement"),
+            }
+        }
+    })
 }
 
 #[cfg(test)]

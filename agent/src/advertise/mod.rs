@@ -34,7 +34,8 @@ use crate::cli::Plan;
 use crate::fleet;
 use tailnet::Tailnet;
 
-/// How often relay registrations are rewritten.
+/// How often, by default, relay registrations are rewritten and records
+/// re-signed (`--heartbeat-s`).
 pub const HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// Where the advertised OpenCode is reachable, which decides the mDNS
@@ -115,6 +116,10 @@ pub struct Advert {
     pub connected_at: String,
     /// The fleet secret that signs what is announced (`None`: unsigned).
     pub secret: Option<FleetSecret>,
+    /// How often it is refreshed: relay files rewritten, the tunnel probed,
+    /// signed records re-signed (so they stay younger than a server's
+    /// ANNOUNCE_MAX_AGE_S).
+    pub heartbeat: Duration,
 }
 
 /// The addresses a TXT record is signed for: those its A/AAAA records give
@@ -317,7 +322,8 @@ fn dnssd_heartbeat(d: dnssd::TailnetDnssd, advert: Advert) -> JoinHandle<()> {
     }
     tokio::spawn(async move {
         let mut held = Withdraw(Some(d));
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        let every = advert.heartbeat;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tick.tick().await;
             if advert.secret.is_some()
@@ -348,6 +354,7 @@ pub(crate) mod tests {
             tailnet: Tailnet::default(),
             connected_at: "2026-03-14T10:30:00Z".into(),
             secret: None,
+            heartbeat: HEARTBEAT,
         }
     }
 

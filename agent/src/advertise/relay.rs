@@ -2,7 +2,7 @@
 //! `DIR/<name>-<id>.json` in the shared [`Registration`] format, written
 //! atomically (temp file + rename, mode 0600, directory 0700) by the library
 //! helper [`write_registration`], rewritten every
-//! [`HEARTBEAT`](super::HEARTBEAT) (which also restores it if a server pruned
+//! heartbeat ([`Advert::heartbeat`]; it also restores the file if a server pruned
 //! it), and removed on stop.
 //!
 //! This module must not health-check OpenCode or delete anyone else's files.
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use opencode_mcp::announce::{remove_registration, write_registration};
 use tokio::task::JoinHandle;
 
-use super::{Advert, HEARTBEAT};
+use super::Advert;
 use crate::error::{AgentError, Result};
 
 /// A local registration kept alive by a heartbeat task.
@@ -45,8 +45,8 @@ impl RelayDir {
         let heartbeat = {
             let (dir, file_name, advert) = (dir.to_path_buf(), file_name.clone(), advert.clone());
             tokio::spawn(async move {
-                let mut tick =
-                    tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+                let every = advert.heartbeat;
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 loop {
                     tick.tick().await;
                     match write(&dir, &file_name, &advert) {
@@ -82,6 +82,7 @@ impl RelayDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::advertise::HEARTBEAT;
     use crate::advertise::tests::sample_advert;
     use opencode_mcp::announce::parse_registration;
 

@@ -7,7 +7,7 @@
 //! exits with "remote port forwarding failed", thanks to
 //! `ExitOnForwardFailure=yes`) is retried at once on another port; any other
 //! loss is retried with exponential backoff plus jitter, reset after a
-//! minute of stable tunnel. Every [`HEARTBEAT`] the tunnel is probed and the
+//! minute of stable tunnel. Every heartbeat ([`Advert::heartbeat`]) the tunnel is probed and the
 //! registration rewritten. On stop the registration is removed and ssh is
 //! terminated and reaped.
 //!
@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Advert, HEARTBEAT};
+use super::Advert;
 use crate::cli::SshPlan;
 use crate::identity;
 use crate::launch::{describe, die_with_parent, send_signal};
@@ -462,7 +462,8 @@ impl Worker {
         // 2. Register.
         self.register(tunnel.remote).await;
         // 3. Heartbeat.
-        let mut tick = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
+        let every = self.advert.heartbeat;
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         let mut misses = 0;
         loop {
             tokio::select! {
