@@ -228,8 +228,9 @@ pub struct Settings {
     /// 0 (the default) means no age limit. Replays are stopped by the address
     /// binding, not by age: a signature covers the addresses it was made for,
     /// and credentials go only to one of them, so a recorded announcement
-    /// replayed elsewhere is refused whatever its age. A limit only helps if
-    /// agents re-sign more often than it, and needs clocks in step.
+    /// replayed elsewhere is refused whatever its age. With a limit, an
+    /// announcement not renewed in time makes its instance untrusted; agents
+    /// re-sign every `--heartbeat-s` (60 s). Needs clocks in step.
     #[arg(
         long,
         env = "ANNOUNCE_MAX_AGE_S",

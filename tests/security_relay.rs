@@ -358,3 +358,52 @@ fn bad_security_settings_stop_the_server_with_what_to_do() {
     let (code, err) = run(&[("OPENCODE_MCP_SECRET_FILE", path)]);
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrenewed_signature_loses_trust_after_announce_max_age_and_a_renewed_one_regains_it() {
+    let ours = secret(0x33);
+    let relay = RelayDir::new();
+    let fake = FakeOpenCode::builder()
+        .password("opencode", &ours.instance_password("sec-aging-1"))
+        .start()
+        .await;
+    write(
+        &relay,
+        "sec-aging",
+        &registration("sec-aging", "sec-aging-1", fake.port(), Some(&ours)),
+    );
+    let export = ours.to_export_string();
+    let server = McpServerProc::spawn(&server_env(
+        &relay,
+        &[
+            ("OPENCODE_MCP_SECRET", &export),
+            ("ANNOUNCE_MAX_AGE_S", "4"),
+        ],
+    ))
+    .await;
+    let inst = wait_status(&server, "sec-aging-1", "online").await;
+    assert_eq!(inst["trust"], "signed", "{inst}");
+
+    // The file stays as it is: its signature ages past the limit and the
+    // instance is no longer contacted.
+    let inst = wait_status(&server, "sec-aging-1", "untrusted").await;
+    let reason = inst["untrusted_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ANNOUNCE_MAX_AGE_S=4") && reason.contains("re-signs"),
+        "{inst}"
+    );
+    let (text, is_error, _) = server
+        .call_text("sessions", json!({"instance": "sec-aging"}))
+        .await;
+    assert!(is_error && text.contains("untrusted"), "{text}");
+
+    // Re-signed (as the agent does every heartbeat): trusted again.
+    write(
+        &relay,
+        "sec-aging",
+        &registration("sec-aging", "sec-aging-1", fake.port(), Some(&ours)),
+    );
+    let inst = wait_status(&server, "sec-aging-1", "online").await;
+    assert_eq!(inst["trust"], "signed", "{inst}");
+    server.shutdown().await;
+}

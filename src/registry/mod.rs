@@ -35,7 +35,9 @@ use crate::config::{Config, Credentials};
 use crate::error::Result;
 use crate::opencode::client::http_client;
 use crate::opencode::{ClientLimits, OpenCodeClient};
-use crate::transport::{Discovery, Endpoint, Feedback, Transport, TransportKind, TransportLink};
+use crate::transport::{
+    Discovery, Endpoint, Feedback, Transport, TransportKind, TransportLink, Trust,
+};
 use follower::{FollowerEvent, FollowerMsg};
 use policy::AddressPolicy;
 
@@ -261,7 +263,7 @@ impl State {
                     }
                     false
                 }
-                _ = tick.tick() => false,
+                _ = tick.tick() => self.expire_signatures(),
             };
             self.start_due_checks();
             if changed {
@@ -534,6 +536,40 @@ impl State {
                 true
             }
         }
+    }
+
+    /// Takes the trust away from signed announcements that have outlived
+    /// ANNOUNCE_MAX_AGE_S while unchanged (a transport re-reads an
+    /// announcement only when it changes); a freshly signed one from the
+    /// transport restores it. Returns whether anything changed.
+    fn expire_signatures(&mut self) -> bool {
+        let Some(max) = self.config.announce_max_age else {
+            return false;
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut stale = Vec::new();
+        for (key, entry) in &mut self.entries {
+            let mut expired = false;
+            for ep in entry.seen.values_mut() {
+                if let Trust::Signed { at } = ep.trust
+                    && now.saturating_sub(at) > max.as_secs()
+                {
+                    ep.trust = Trust::Invalid(crate::transport::too_old(now - at, false, max));
+                    expired = true;
+                }
+            }
+            if expired {
+                stale.push(key.clone());
+            }
+        }
+        for key in &stale {
+            tracing::info!(instance = %key, "signed announcement older than ANNOUNCE_MAX_AGE_S and not renewed; no longer trusted");
+            self.reevaluate(key);
+        }
+        !stale.is_empty()
     }
 
     /// Re-derives the published instance from its paths (after a path change).

@@ -193,7 +193,7 @@ pub fn admit(
     let mut addrs = ep.addrs.clone();
     if let Some(secret) = secret {
         match &ep.trust {
-            Trust::Signed => {}
+            Trust::Signed { .. } => {}
             Trust::Unsigned => {
                 return Err(format!(
                     "its announcement is not signed, and this server only contacts instances signed with its fleet secret; {SAME_SECRET_HINT}"
@@ -350,10 +350,14 @@ mod tests {
         let secret = FleetSecret::from_text(&"56".repeat(32)).unwrap();
         let p = AddressPolicy::fixed(vec![], vec![cidr("10.0.0.1/24")]);
         // Signed, at a signed address: admitted at that address only.
-        let ep = endpoint(&["10.0.0.5", "10.0.0.6"], Trust::Signed, &["10.0.0.5"]);
+        let ep = endpoint(
+            &["10.0.0.5", "10.0.0.6"],
+            Trust::Signed { at: 1 },
+            &["10.0.0.5"],
+        );
         assert_eq!(admit(&ep, Some(&secret), &p), Ok(vec![ip("10.0.0.5")]));
         // Replayed elsewhere: refused, naming both address lists.
-        let ep = endpoint(&["10.0.0.9"], Trust::Signed, &["10.0.0.5"]);
+        let ep = endpoint(&["10.0.0.9"], Trust::Signed { at: 1 }, &["10.0.0.5"]);
         let err = admit(&ep, Some(&secret), &p).unwrap_err();
         assert!(
             err.contains("10.0.0.9") && err.contains("signed for 10.0.0.5"),
@@ -374,7 +378,7 @@ mod tests {
         );
         assert_eq!(admit(&ep, Some(&secret), &p), Err("bad sig".into()));
         // Signed for an address outside the policy: still refused.
-        let ep = endpoint(&["8.8.8.8"], Trust::Signed, &["8.8.8.8"]);
+        let ep = endpoint(&["8.8.8.8"], Trust::Signed { at: 1 }, &["8.8.8.8"]);
         assert!(
             admit(&ep, Some(&secret), &p)
                 .unwrap_err()

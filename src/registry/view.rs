@@ -174,7 +174,7 @@ impl Instance {
 
     /// Whether the path in use is signed with the fleet secret.
     pub fn is_signed(&self) -> bool {
-        self.endpoint().trust == crate::transport::Trust::Signed
+        self.endpoint().trust.is_signed()
     }
 
     /// Whether any session is working.

@@ -566,7 +566,18 @@ fn endpoint_for(reg: &Registration, name: &Path, path: &Path, check: &TrustCheck
     } else {
         Reach::Relay
     };
+    let trust = match &reg.id {
+        Some(id) => check.assess(
+            id,
+            reg.port,
+            &reg.addrs,
+            reg.signature().as_ref(),
+            SystemTime::now(),
+        ),
+        None => super::Trust::Unsigned,
+    };
     Endpoint {
+        trust,
         key,
         name: reg.name.clone(),
         hostname: reg.hostname.clone(),
@@ -577,16 +588,6 @@ fn endpoint_for(reg: &Registration, name: &Path, path: &Path, check: &TrustCheck
         reach,
         source: path.display().to_string(),
         connected_at: reg.connected_at.clone(),
-        trust: match &reg.id {
-            Some(id) => check.assess(
-                id,
-                reg.port,
-                &reg.addrs,
-                reg.signature().as_ref(),
-                SystemTime::now(),
-            ),
-            None => super::Trust::Unsigned,
-        },
         signed_addrs: reg.addrs.clone(),
     }
 }

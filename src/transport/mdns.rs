@@ -523,7 +523,7 @@ impl Tracker {
         for t in self.adverts.values() {
             if let Meaning::Endpoint(e) = &t.meaning {
                 // Verified means: signed, and resolved at an address it signed.
-                let verified = e.trust == Trust::Signed
+                let verified = e.trust.is_signed()
                     && e.addrs.iter().any(|a| {
                         e.signed_addrs
                             .iter()

@@ -36,11 +36,23 @@ pub enum Trust {
     /// Signed with this server's fleet secret over exactly what was
     /// announced (and, with ANNOUNCE_MAX_AGE_S, recently enough). Which
     /// addresses may be contacted is in [`Endpoint::signed_addrs`].
-    Signed,
+    Signed {
+        /// When it was signed (Unix seconds): the registry re-checks the age
+        /// (ANNOUNCE_MAX_AGE_S) while the announcement stays the same, since
+        /// a transport re-reads an announcement only when it changes.
+        at: u64,
+    },
     /// No signature (or no fleet secret here to check one with).
     Unsigned,
     /// A signature that does not verify; why, as a sentence with what to do.
     Invalid(String),
+}
+
+impl Trust {
+    /// Whether the signature verified.
+    pub fn is_signed(&self) -> bool {
+        matches!(self, Trust::Signed { .. })
+    }
 }
 
 /// Checks announcement signatures for a transport: the fleet secret (if
@@ -96,11 +108,7 @@ impl TrustCheck {
                 .unwrap_or(0);
             let age = now_s.abs_diff(sig.at);
             if age > max.as_secs() {
-                let when = if sig.at > now_s { "ahead" } else { "old" };
-                return Trust::Invalid(format!(
-                    "its signature is {age}s {when}, beyond ANNOUNCE_MAX_AGE_S={}; check both clocks, or that its agent re-signs its announcement",
-                    max.as_secs()
-                ));
+                return Trust::Invalid(too_old(age, sig.at > now_s, max));
             }
         }
         if addrs.is_empty() {
@@ -108,8 +116,18 @@ impl TrustCheck {
                 "its signed announcement names no address, so there is nowhere it may be contacted; upgrade its agent".into(),
             );
         }
-        Trust::Signed
+        Trust::Signed { at: sig.at }
     }
+}
+
+/// Why a signature outside ANNOUNCE_MAX_AGE_S is refused: `age` seconds
+/// old, or ahead of this clock when `ahead`.
+pub fn too_old(age: u64, ahead: bool, max: Duration) -> String {
+    format!(
+        "its signature is {age}s {}, beyond ANNOUNCE_MAX_AGE_S={}; check both clocks, or that its agent re-signs its announcement (opencode-agent does every --heartbeat-s)",
+        if ahead { "ahead" } else { "old" },
+        max.as_secs()
+    )
 }
 
 /// The transports this build knows, by their `TRANSPORT` names.
@@ -421,7 +439,7 @@ mod tests {
         let good = secret.signed("id", 80, &addrs, 10);
         assert_eq!(
             check.assess("id", 80, &addrs, Some(&good), now),
-            Trust::Signed
+            Trust::Signed { at: 10 }
         );
         assert_eq!(check.assess("id", 80, &addrs, None, now), Trust::Unsigned);
         // Another id, port or address list, or another secret: invalid.
@@ -458,7 +476,7 @@ mod tests {
         let recent = secret.signed("id", 80, &addrs, 1_000_000 - 30);
         assert_eq!(
             aged.assess("id", 80, &addrs, Some(&recent), now),
-            Trust::Signed
+            Trust::Signed { at: 1_000_000 - 30 }
         );
         assert!(
             matches!(aged.assess("id", 80, &addrs, Some(&good), now), Trust::Invalid(r) if r.contains("ANNOUNCE_MAX_AGE_S"))

@@ -209,7 +209,15 @@ fn endpoint_of(
     if addrs.is_empty() {
         addrs = own;
     }
+    let trust = check.assess(
+        &a.id,
+        port,
+        &a.signed_addrs,
+        a.signature.as_ref(),
+        SystemTime::now(),
+    );
     Ok(Endpoint {
+        trust,
         key: a.id.clone(),
         name: a.name.clone(),
         hostname: a
@@ -224,13 +232,6 @@ fn endpoint_of(
         reach: Reach::Tailnet,
         source: format!("tailnet {} ({dnssd}) {}", peer.display_name(), f.label),
         connected_at: None,
-        trust: check.assess(
-            &a.id,
-            port,
-            &a.signed_addrs,
-            a.signature.as_ref(),
-            SystemTime::now(),
-        ),
         signed_addrs: a.signed_addrs.clone(),
     })
 }
