@@ -128,6 +128,31 @@ fn require_python_zeroconf() -> Option<PathBuf> {
     None
 }
 
+/// A fake OpenCode on host A's address (a helper process) and a
+/// python-zeroconf browser in host B, both ready; returns the fake, its port
+/// and the browser.
+fn fake_in_a_browser_in_b(net: &Netns, python: &std::path::Path) -> (Proc, u16, Proc) {
+    let mut fake = Proc::spawn("fake-opencode", {
+        let mut cmd = helper_command(net, 0, HELPER, "fake-opencode");
+        cmd.env("OCT_ADDR", net.addr(0).to_string());
+        cmd
+    });
+    let ready = fake.wait_line("READY", Duration::from_secs(20));
+    let port: u16 = ready
+        .text
+        .rsplit(' ')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .expect("fake port");
+    let mut browser = Proc::spawn("zeroconf-browse", {
+        let mut cmd = net.command(1, python);
+        cmd.args(["-c", PY_BROWSE]);
+        cmd
+    });
+    browser.wait_line("READY", Duration::from_secs(20));
+    (fake, port, browser)
+}
+
 /// The next JSON line of `proc` with `event` == `event` (and `name` containing `name_part`).
 fn wait_event(proc: &mut Proc, event: &str, name_part: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
@@ -163,27 +188,8 @@ fn python_zeroconf_and_our_mdns_see_each_others_advertisements() {
     let relay_dir = tmp.subdir("relay").display().to_string();
     let addr_a = net.addr(0);
 
-    // A fake OpenCode in A.
-    let mut fake = Proc::spawn("fake-opencode", {
-        let mut cmd = helper_command(&net, 0, HELPER, "fake-opencode");
-        cmd.env("OCT_ADDR", addr_a.to_string());
-        cmd
-    });
-    let ready = fake.wait_line("READY", Duration::from_secs(20));
-    let fake_port: u16 = ready
-        .text
-        .rsplit(' ')
-        .next()
-        .and_then(|p| p.trim().parse().ok())
-        .expect("fake port");
-
-    // python-zeroconf browsing in B.
-    let mut browser = Proc::spawn("zeroconf-browse", {
-        let mut cmd = net.command(1, &python);
-        cmd.args(["-c", PY_BROWSE]);
-        cmd
-    });
-    browser.wait_line("READY", Duration::from_secs(20));
+    // A fake OpenCode in A, python-zeroconf browsing in B.
+    let (_fake, fake_port, mut browser) = fake_in_a_browser_in_b(&net, &python);
 
     // opencode-mcp in B with the default TRANSPORT (auto: mDNS and relay files).
     let mcp = Mcp::start(
@@ -413,24 +419,7 @@ fn with_a_fleet_secret_the_mdns_record_is_re_signed_every_heartbeat() {
     let tmp = TempDir::new("lan-resign");
     let project = tmp.subdir("resign-proj");
     let addr_a = net.addr(0);
-    let mut fake = Proc::spawn("fake-opencode", {
-        let mut cmd = helper_command(&net, 0, HELPER, "fake-opencode");
-        cmd.env("OCT_ADDR", addr_a.to_string());
-        cmd
-    });
-    let ready = fake.wait_line("READY", Duration::from_secs(20));
-    let fake_port: u16 = ready
-        .text
-        .rsplit(' ')
-        .next()
-        .and_then(|p| p.trim().parse().ok())
-        .expect("fake port");
-    let mut browser = Proc::spawn("zeroconf-browse", {
-        let mut cmd = net.command(1, &python);
-        cmd.args(["-c", PY_BROWSE]);
-        cmd
-    });
-    browser.wait_line("READY", Duration::from_secs(20));
+    let (_fake, fake_port, mut browser) = fake_in_a_browser_in_b(&net, &python);
 
     let mut agent = Proc::spawn("agent-attach", {
         let mut cmd = net.command(0, env!("CARGO_BIN_EXE_opencode-agent"));
