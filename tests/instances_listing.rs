@@ -26,7 +26,7 @@ async fn fleet() -> (FakeOpenCode, RelayDir, McpServerProc) {
         let host = if i % 2 == 0 { "box-even" } else { "box-odd" };
         relay.write_registration(
             &format!("app-{i}"),
-            json!({"name": format!("app-{i}"), "hostname": host, "port": fake.port(), "cwd": format!("/work/app-{i}")}),
+            json!({"name": format!("app-{i}"), "hostname": host, "port": fake.port(), "cwd": format!("/code/app-{i}")}),
         );
     }
     for i in 0..3 {
@@ -71,7 +71,7 @@ async fn a_fleet_that_fits_one_page_keeps_the_seed_layout_with_online_instances_
     assert!(out.get("next_offset").is_none(), "{out}");
     // No summary or paging lines: the seed's two lines per instance.
     assert!(
-        text.starts_with("**app-0** (box-even:/work/app-0)"),
+        text.starts_with("**app-0** (box-even:/code/app-0)"),
         "{text}"
     );
     assert!(
@@ -135,7 +135,7 @@ async fn status_and_query_narrow_the_listing_and_counts_still_cover_the_fleet() 
     // query matches the hostname, the directory or the name, ignoring case.
     let (_, odd) = list(&server, json!({"query": "BOX-ODD"})).await;
     assert_eq!(instance_names(&odd), ["app-1", "app-3", "app-5"]);
-    let (_, by_cwd) = list(&server, json!({"query": "/work/app-4"})).await;
+    let (_, by_cwd) = list(&server, json!({"query": "/code/app-4"})).await;
     assert_eq!(instance_names(&by_cwd), ["app-4"]);
     let (_, both) = list(&server, json!({"status": "online", "query": "even"})).await;
     assert_eq!(instance_names(&both), ["app-0", "app-2", "app-4"]);
