@@ -15,15 +15,17 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::netns::{Mcp, Netns, Proc, in_netns, poll, require_root, skip, workspace_root};
+use common::netns::{
+    Mcp, Netns, Proc, in_netns, poll, read_request_head, request_path, require_python_zeroconf,
+    require_root,
+};
 use opencode_mcp::announce::txt::Announcement;
 use opencode_mcp::secret::FleetSecret;
 use serde_json::{Value, json};
@@ -52,25 +54,6 @@ print("READY", flush=True)
 while True:
     time.sleep(1)
 "#;
-
-/// The venv's python with `zeroconf` importable, or a loud skip.
-fn require_python_zeroconf() -> Option<PathBuf> {
-    let python = workspace_root().join(".cache/venv/bin/python");
-    let ok = Command::new(&python)
-        .args(["-c", "import zeroconf"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        skip(&format!(
-            "python-zeroconf is not importable from {} (run scripts/install-test-deps)",
-            python.display()
-        ));
-        return None;
-    }
-    Some(python)
-}
 
 /// One request as the recorder saw it.
 #[derive(Debug, Clone)]
@@ -102,23 +85,10 @@ impl Recorder {
                 let rec = rec.clone();
                 let want = want.clone();
                 thread::spawn(move || {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
-                        match conn.read(&mut byte) {
-                            Ok(1) => head.push(byte[0]),
-                            _ => return,
-                        }
-                    }
-                    let head = String::from_utf8_lossy(&head).into_owned();
-                    let path = head
-                        .split_whitespace()
-                        .nth(1)
-                        .unwrap_or("/")
-                        .split('?')
-                        .next()
-                        .unwrap_or("/")
-                        .to_string();
+                    let Some(head) = read_request_head(&mut conn) else {
+                        return;
+                    };
+                    let path = request_path(&head).to_string();
                     let authorization = head.lines().find_map(|l| {
                         let (k, v) = l.split_once(':')?;
                         k.eq_ignore_ascii_case("authorization")

@@ -23,14 +23,11 @@ mod common {
 }
 
 use std::net::{Ipv4Addr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    Mcp, Netns, Proc, TempDir, helper_command, helper_role, park_forever, poll, require_root,
-    serve_fake_opencode, skip, workspace_root,
+    Mcp, Netns, Proc, TempDir, helper_command, helper_role, park_forever, poll,
+    require_python_zeroconf, require_root, serve_fake_opencode,
 };
 use opencode_mcp::announce::txt::{Announcement, MAX_ENTRY_BYTES};
 use serde_json::{Value, json};
@@ -89,44 +86,6 @@ print("READY", flush=True)
 while True:
     time.sleep(1)
 "#;
-
-/// The venv's python with `zeroconf` importable, installing it when missing.
-fn require_python_zeroconf() -> Option<PathBuf> {
-    static SETUP: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = SETUP.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = workspace_root().join(".cache/venv");
-    let python = venv.join("bin/python");
-    let has_zeroconf = || {
-        Command::new(&python)
-            .args(["-c", "import zeroconf"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if has_zeroconf() {
-        return Some(python);
-    }
-    eprintln!("installing python-zeroconf into {}", venv.display());
-    if !python.exists() {
-        let _ = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status();
-    }
-    let _ = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "zeroconf"])
-        .status();
-    if has_zeroconf() {
-        return Some(python);
-    }
-    skip(&format!(
-        "python-zeroconf is not available in {} (scripts/test installs it: pip install zeroconf)",
-        venv.display()
-    ));
-    None
-}
 
 /// A fake OpenCode on host A's address (a helper process) and a
 /// python-zeroconf browser in host B, both ready; returns the fake, its port

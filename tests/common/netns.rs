@@ -77,6 +77,45 @@ pub fn skip(msg: &str) {
     );
 }
 
+/// The venv's python (`.cache/venv`, made by scripts/install-test-deps) with
+/// `zeroconf` importable, installing it when missing; else a loud skip.
+pub fn require_python_zeroconf() -> Option<PathBuf> {
+    static SETUP: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = lock(&SETUP);
+    let venv = workspace_root().join(".cache/venv");
+    let python = venv.join("bin/python");
+    let has_zeroconf = || {
+        Command::new(&python)
+            .args(["-c", "import zeroconf"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_zeroconf() {
+        return Some(python);
+    }
+    eprintln!("installing python-zeroconf into {}", venv.display());
+    if !python.exists() {
+        let _ = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status();
+    }
+    let _ = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "zeroconf"])
+        .status();
+    if has_zeroconf() {
+        return Some(python);
+    }
+    skip(&format!(
+        "python-zeroconf is not available in {} (scripts/test installs it: pip install zeroconf)",
+        venv.display()
+    ));
+    None
+}
+
 /// The workspace root (the directory whose Cargo.toml has `[workspace]`).
 pub fn workspace_root() -> PathBuf {
     let start = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -1164,6 +1203,27 @@ pub fn park_forever() -> ! {
     }
 }
 
+/// The request line and headers of one HTTP/1.1 request (up to 16 KiB),
+/// read a byte at a time so nothing of the body is consumed; `None` when the
+/// peer closes first.
+pub fn read_request_head(conn: &mut impl Read) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The path of a request head, without the query.
+pub fn request_path(head: &str) -> &str {
+    let target = head.split_whitespace().nth(1).unwrap_or("/");
+    target.split('?').next().unwrap_or("/")
+}
+
 /// Serves a minimal OpenCode look-alike on `listener` in background threads:
 /// `GET /global/health` → `{"healthy":true,"version":…}`, `GET /event` → an
 /// SSE stream (`server.connected`, then a heartbeat each second) held open,
@@ -1178,17 +1238,10 @@ pub fn serve_fake_opencode(listener: std::net::TcpListener, version: &str, requi
             let Ok(mut conn) = conn else { continue };
             let version = version.clone();
             thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
-                    match conn.read(&mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let target = head.split_whitespace().nth(1).unwrap_or("/");
-                let path = target.split('?').next().unwrap_or("/");
+                let Some(head) = read_request_head(&mut conn) else {
+                    return;
+                };
+                let path = request_path(&head);
                 let authorized = head
                     .lines()
                     .any(|l| l.to_ascii_lowercase().starts_with("authorization: basic "));
