@@ -164,11 +164,12 @@ impl Registry {
 
 /// What one transport reported beyond MAX_INSTANCES_PER_TRANSPORT.
 struct Overflow {
-    /// Held-back keys, with the announcement to admit when a slot frees up.
-    /// At most MAX_INSTANCES_PER_TRANSPORT announcements are kept (`None`
-    /// beyond that: a flood is counted, not stored; those keys come back
-    /// when their transport reports them again).
-    held: BTreeMap<String, Option<Endpoint>>,
+    /// Held-back announcements, admitted in key order when a slot frees up;
+    /// at most MAX_INSTANCES_PER_TRANSPORT of them.
+    waiting: BTreeMap<String, Endpoint>,
+    /// Keys beyond `waiting`'s capacity: a flood is counted, not stored;
+    /// these come back when their transport reports them again.
+    counted: std::collections::BTreeSet<String>,
     /// Since when the transport is over its cap (shown in the problem).
     since: SystemTime,
 }
@@ -328,16 +329,17 @@ impl State {
         let over = self.overflow.entry(via).or_insert_with(|| {
             tracing::warn!(transport = %via, "more than {max} instances reported; holding back the rest (MAX_INSTANCES_PER_TRANSPORT)");
             Overflow {
-                held: BTreeMap::new(),
+                waiting: BTreeMap::new(),
+                counted: Default::default(),
                 since: SystemTime::now(),
             }
         });
-        let stored = over.held.values().filter(|e| e.is_some()).count();
-        let keep = match over.held.get(&ep.key) {
-            Some(Some(_)) => true,
-            _ => stored < max,
-        };
-        over.held.insert(ep.key.clone(), keep.then(|| ep.clone()));
+        if over.waiting.contains_key(&ep.key) || over.waiting.len() < max {
+            over.counted.remove(&ep.key);
+            over.waiting.insert(ep.key.clone(), ep.clone());
+        } else {
+            over.counted.insert(ep.key.clone());
+        }
         true
     }
 
@@ -345,19 +347,16 @@ impl State {
     /// reported instance went away). Returns whether anything changed.
     fn admit_held(&mut self, via: TransportKind) -> bool {
         let mut changed = false;
-        while self.reported_by(via) < self.config.max_instances_per_transport {
+        while self.overflow.contains_key(&via)
+            && self.reported_by(via) < self.config.max_instances_per_transport
+        {
             let Some(over) = self.overflow.get_mut(&via) else {
                 break;
             };
-            let next = over
-                .held
-                .iter()
-                .find(|(_, ep)| ep.is_some())
-                .map(|(k, _)| k.clone());
-            let Some(ep) = next.and_then(|k| over.held.remove(&k)).flatten() else {
+            let Some((_, ep)) = over.waiting.pop_first() else {
                 break;
             };
-            if over.held.is_empty() {
+            if over.waiting.is_empty() && over.counted.is_empty() {
                 self.overflow.remove(&via);
             }
             tracing::info!(transport = %via, instance = %ep.name, "admitting an instance held back by MAX_INSTANCES_PER_TRANSPORT");
@@ -500,9 +499,9 @@ impl State {
             }
             Discovery::Gone { key, via } => {
                 if let Some(over) = self.overflow.get_mut(&via)
-                    && over.held.remove(&key).is_some()
+                    && (over.waiting.remove(&key).is_some() || over.counted.remove(&key))
                 {
-                    if over.held.is_empty() {
+                    if over.waiting.is_empty() && over.counted.is_empty() {
                         self.overflow.remove(&via);
                     }
                     return true;
@@ -851,14 +850,14 @@ impl State {
             self.pending_ready.is_empty() && self.entries.values().all(|e| e.checked_once);
         let mut problems = self.problems.clone();
         let max = self.config.max_instances_per_transport;
-        for (via, Overflow { held: keys, since }) in &self.overflow {
+        for (via, over) in &self.overflow {
             problems.entry(*via).or_default().push(crate::transport::Problem::new(
                 format!("{via} transport"),
                 format!(
                     "{} more instance(s) than MAX_INSTANCES_PER_TRANSPORT={max} were reported; they are held back, never contacted, and admitted as others go away. Raise the limit if they are real, or look for a flood of forged announcements",
-                    keys.len()
+                    over.waiting.len() + over.counted.len()
                 ),
-                *since,
+                over.since,
             ));
         }
         let view = View {
