@@ -358,15 +358,12 @@ fn instance_info(i: &Instance) -> InstanceInfo {
         Health::Untrusted { reason } => Some(reason.clone()),
         _ => None,
     };
-    let (status, offline_reason, offline_for_s) = match &i.health {
-        Health::Online { .. } => ("online", None, None),
-        Health::Checking => ("checking", None, None),
-        Health::Untrusted { .. } => ("untrusted", None, None),
+    let (offline_reason, offline_for_s) = match &i.health {
         Health::Offline { reason, since } => (
-            "offline",
             Some(reason.clone()),
             Some(since.elapsed().unwrap_or_default().as_secs()),
         ),
+        _ => (None, None),
     };
     let mut busy_sessions: Vec<BusySession> = i
         .statuses
@@ -382,7 +379,7 @@ fn instance_info(i: &Instance) -> InstanceInfo {
         key: i.key.clone(),
         hostname: i.hostname.clone(),
         cwd: i.cwd.clone(),
-        status: status.to_string(),
+        status: i.health.label().to_string(),
         trust: i
             .is_online()
             .then(|| if i.is_signed() { "signed" } else { "unsigned" }.to_string()),

@@ -18,7 +18,7 @@ use rmcp::service::Peer;
 use super::instances::{Selection, instances_output};
 use super::messages::{ReadOutput, message_out};
 use super::resolve;
-use crate::registry::{Health, Instance, Registry, View};
+use crate::registry::{Instance, Registry, View};
 
 /// URI of the instance list.
 pub const INSTANCES_URI: &str = "opencode://instances";
@@ -111,12 +111,7 @@ async fn current_session(inst: &Arc<Instance>) -> Result<ReadOutput, String> {
 
 /// What a client would notice about an instance.
 fn signature(i: &Instance) -> String {
-    let health = match &i.health {
-        Health::Online { .. } => "online",
-        Health::Offline { .. } => "offline",
-        Health::Checking => "checking",
-        Health::Untrusted { .. } => "untrusted",
-    };
+    let health = i.health.label();
     let mut perms: Vec<&str> = i
         .permissions
         .iter()

@@ -66,6 +66,18 @@ pub enum Health {
     },
 }
 
+impl Health {
+    /// The state's name as tools show it: online, offline, checking or untrusted.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Health::Online { .. } => "online",
+            Health::Offline { .. } => "offline",
+            Health::Checking => "checking",
+            Health::Untrusted { .. } => "untrusted",
+        }
+    }
+}
+
 /// State of the instance's event stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stream {
